@@ -1,0 +1,279 @@
+"""Everything that knows ONNX Runtime's training internals (ORTModule 1.19) and how newer torch differs from
+the torch it was built for. The rest of the package calls `load_ortmodule()`, `wrap_with_ortmodule()` and
+`ortmodule_status()`; nothing else reaches into `onnxruntime.training`.
+
+ORT 1.19.2 is the last `onnxruntime-training` release. On today's torch it needs:
+- moved `torch.onnx` internals to resolve under their old names (added as aliases; torch is not changed);
+- its `aten_op_executor` C++ extension, compiled here on first use into a cache outside site-packages;
+- `torch_interop_utils` (custom autograd.Function support) to import, although it no longer compiles: custom
+  autograd functions stay off (`ORTMODULE_ENABLE_CUSTOM_AUTOGRAD=0`), so it is never called;
+- its NVTX markers skipped on CPU-only torch builds;
+- its own `torch.onnx.export` call to use the TorchScript exporter (`dynamo=False`); user calls keep torch's default.
+It also carries one fix for ORT itself: turning sparsity optimisation off crashed its export.
+Each fix is applied only when the running torch shows the need.
+"""
+
+import contextlib
+import importlib
+import inspect
+import logging
+import os
+import sys
+import types
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from .import_utils import ORT_TRAINING_INSTALL_HINT, is_onnxruntime_training_available
+
+logger = logging.getLogger(__name__)
+
+_ORT_EXTENSIONS = "onnxruntime.training.ortmodule.torch_cpp_extensions"
+
+# Old import name -> where torch keeps it now (the TorchScript exporter moved in torch 2.9).
+_MOVED_TORCH_ONNX_MODULES = {
+    "torch.onnx._internal.jit_utils": "torch.onnx._internal.torchscript_exporter.jit_utils",
+    "torch.onnx._type_utils": "torch.onnx._internal.torchscript_exporter._type_utils",
+    "torch.onnx._globals": "torch.onnx._internal.torchscript_exporter._globals",
+}
+
+
+class ORTTrainingUnavailableError(ImportError):
+    """ORT training was asked for but cannot run in this environment."""
+
+
+def cache_dir() -> Path:
+    """Where compiled extensions live: `$ORT_TRAINER_CACHE`, else `~/.cache/ort_trainer`."""
+    return Path(os.environ.get("ORT_TRAINER_CACHE", Path.home() / ".cache" / "ort_trainer"))
+
+
+def _module_importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _alias_moved_torch_onnx_modules():
+    for old, new in _MOVED_TORCH_ONNX_MODULES.items():
+        if not _module_importable(old) and _module_importable(new):
+            sys.modules[old] = importlib.import_module(new)
+    if not _module_importable("torch.onnx._internal._beartype"):
+        # ORT only uses its `beartype` decorator, which type-checked arguments at run time.
+        shim = types.ModuleType("torch.onnx._internal._beartype")
+        shim.beartype = lambda fn: fn
+        sys.modules[shim.__name__] = shim
+
+
+def _build_aten_op_executor():
+    """Compile (once, cached) and register ORT's aten_op_executor extension, which runs ATen ops inside ORT."""
+    source = (
+        Path(importlib.util.find_spec("onnxruntime").submodule_search_locations[0])
+        / "training/ortmodule/torch_cpp_extensions/cpu/aten_op_executor/aten_op_executor.cc"
+    )
+    version_tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}".replace("+", "_")
+    build_dir = cache_dir() / "torch_extensions" / version_tag / "aten_op_executor"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    from torch.utils import cpp_extension
+
+    if not any(build_dir.glob("aten_op_executor*.so")):
+        logger.warning("Compiling ONNX Runtime's aten_op_executor extension once into %s (about a minute)...", build_dir)
+    try:
+        # torch's loader locks the build directory, so concurrent ranks build it once and share it.
+        extension = cpp_extension.load(
+            name="aten_op_executor", sources=[str(source)], build_directory=str(build_dir), verbose=False
+        )
+    except Exception as error:  # compiler missing, or torch headers it cannot build against
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ORTTrainingUnavailableError(
+            f"Could not compile ONNX Runtime's aten_op_executor extension in {build_dir}: {first_line}. "
+            "To fix: install a C++ compiler and Python headers (e.g. `apt-get install g++ python3-dev`), "
+            "or train with `--use_ort False`."
+        ) from error
+    sys.modules[f"{_ORT_EXTENSIONS}.aten_op_executor"] = extension
+
+
+def _stub_torch_interop_utils():
+    """torch_interop_utils serves only custom autograd.Function support, kept off; ORT still imports the name."""
+    name = f"{_ORT_EXTENSIONS}.torch_interop_utils"
+    if name in sys.modules:
+        return
+
+    def unavailable(*args, **kwargs):
+        raise RuntimeError("torch_interop_utils is not built: custom autograd.Function support is off in ort_trainer.")
+
+    stub = types.ModuleType(name)
+    stub.__getattr__ = lambda attr: unavailable
+    sys.modules[name] = stub
+
+
+def _skip_nvtx_without_cuda():
+    """CPU-only torch raises on NVTX calls; ORT calls them around every step."""
+    if torch.cuda.is_available():
+        return
+    from onnxruntime.training.utils import torch_profile_utils
+
+    torch_profile_utils.torch_nvtx_range_push = lambda msg: None
+    torch_profile_utils.torch_nvtx_range_pop = lambda: None
+
+
+def _use_torchscript_exporter():
+    """torch >= 2.9 exports with dynamo by default; ORTModule's graph building needs the TorchScript exporter."""
+    if "dynamo" not in inspect.signature(torch.onnx.export).parameters:
+        return
+    from onnxruntime.training.ortmodule._graph_transition_manager import GraphTransitionManager
+
+    if getattr(GraphTransitionManager.__init__, "_ort_trainer_patched", False):
+        return
+    original_init = GraphTransitionManager.__init__
+
+    def __init__(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self._export_extra_kwargs.setdefault("dynamo", False)
+
+    __init__._ort_trainer_patched = True
+    GraphTransitionManager.__init__ = __init__
+
+
+def _fix_disabled_label_sparsity_hook():
+    """ORT 1.19 returns None instead of an empty hook list when sparsity optimisation is off, then iterates it."""
+    from onnxruntime.training.ortmodule._graph_transition_manager import GraphTransitionManager
+
+    add_hook = GraphTransitionManager._add_check_label_sparsity_hook
+    if getattr(add_hook, "_ort_trainer_patched", False):
+        return
+
+    def _add_check_label_sparsity_hook(*args, **kwargs):
+        return add_hook(*args, **kwargs) or []
+
+    _add_check_label_sparsity_hook._ort_trainer_patched = True
+    GraphTransitionManager._add_check_label_sparsity_hook = staticmethod(_add_check_label_sparsity_hook)
+
+
+@lru_cache
+def load_ortmodule():
+    """Import `ORTModule`, making ORT 1.19 work on the running torch first. Returns the `ORTModule` class."""
+    if not is_onnxruntime_training_available():
+        raise ORTTrainingUnavailableError(
+            "ORT training needs onnxruntime-training, which is not installed. "
+            f"To fix: {ORT_TRAINING_INSTALL_HINT}, or train with `--use_ort False`."
+        )
+    _alias_moved_torch_onnx_modules()
+    _build_aten_op_executor()
+    _stub_torch_interop_utils()
+    os.environ.setdefault("ORTMODULE_ENABLE_CUSTOM_AUTOGRAD", "0")
+    from onnxruntime.training import ortmodule
+
+    # ORT looks for compiled extensions only inside its own package folder; ours is registered by import name.
+    if "extensions were not detected" in str(ortmodule._FALLBACK_INIT_EXCEPTION or ""):
+        ortmodule._FALLBACK_INIT_EXCEPTION = None
+    _skip_nvtx_without_cuda()
+    _use_torchscript_exporter()
+    _fix_disabled_label_sparsity_hook()
+    return ortmodule.ORTModule
+
+
+@dataclass
+class ORTModuleOptions:
+    """The ORTModule settings ort_trainer exposes. ORT 1.19 reads most of them from the environment when an
+    ORTModule is built, so they are set only for that moment."""
+
+    fallback: bool = False
+    memory_optimization_level: int = 0
+    sparsity_optimization: bool = True
+    log_level: str = "WARNING"
+    save_onnx: bool = False
+    onnx_prefix: str = ""
+    save_onnx_path: str = ""
+
+    def environment(self) -> dict:
+        """Environment variables to set while the ORTModule is built (None: unset)."""
+        return {
+            # Unset means ORT's default policy, which falls back on unsupported devices, data and models.
+            "ORTMODULE_FALLBACK_POLICY": None if self.fallback else "FALLBACK_DISABLE",
+            "ORTMODULE_MEMORY_OPT_LEVEL": str(self.memory_optimization_level),
+            "ORTMODULE_ENABLE_EMBEDDING_SPARSE_OPTIMIZER": str(int(self.sparsity_optimization)),
+            "ORTMODULE_ENABLE_LABEL_SPARSE_OPTIMIZER": str(int(self.sparsity_optimization)),
+        }
+
+
+@contextlib.contextmanager
+def _environment(values: dict):
+    saved = {key: os.environ.get(key) for key in values}
+    _set_environment(values)
+    try:
+        yield
+    finally:
+        _set_environment(saved)
+
+
+def _set_environment(values: dict):
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+
+def wrap_with_ortmodule(model: torch.nn.Module, options: ORTModuleOptions) -> torch.nn.Module:
+    """Wrap `model` in an ORTModule configured by `options`."""
+    ort_module_cls = load_ortmodule()
+    from onnxruntime.training.ortmodule import DebugOptions, LogLevel
+
+    debug_options = DebugOptions(
+        log_level=LogLevel[options.log_level.upper()],
+        save_onnx=options.save_onnx,
+        onnx_prefix=options.onnx_prefix,
+        save_path=options.save_onnx_path,
+    )
+    with _environment(options.environment()):
+        wrapped = ort_module_cls(model, debug_options)
+    logging.getLogger("orttraining").addFilter(_drop_name_collision_warnings)
+    return wrapped
+
+
+def _drop_name_collision_warnings(record: logging.LogRecord) -> bool:
+    # ORTModule warns that every nn.Module's own methods (`to`, `train`, ...) collide with its own; they are
+    # meant to, as ORTModule replaces them.
+    return "collides with ORTModule's attribute name" not in record.getMessage()
+
+
+def fused_adam_class():
+    """ONNX Runtime's FusedAdam (CUDA only)."""
+    load_ortmodule()
+    from onnxruntime.training.optim import FusedAdam
+
+    return FusedAdam
+
+
+def is_ortmodule(model) -> bool:
+    module = sys.modules.get("onnxruntime.training.ortmodule")
+    return module is not None and isinstance(model, module.ORTModule)
+
+
+@dataclass
+class ORTModuleStatus:
+    """What an ORTModule actually did: `backend` is "onnxruntime" once ORT built and ran the training graph."""
+
+    backend: str
+    reason: str = ""
+
+
+def ortmodule_status(model) -> ORTModuleStatus:
+    if not is_ortmodule(model):
+        return ORTModuleStatus("pytorch", "the model is not wrapped in ORTModule")
+    from onnxruntime.training.ortmodule._torch_module_ort import TorchModuleORT
+
+    pending = model._fallback_manager._exception
+    if pending is not None or not isinstance(model._torch_module, TorchModuleORT):
+        return ORTModuleStatus("pytorch (ORT fell back)", str(pending).strip().splitlines()[0] if pending else "")
+    if model._torch_module._execution_manager(True)._execution_agent is None:
+        return ORTModuleStatus("onnxruntime (not run yet)")
+    return ORTModuleStatus("onnxruntime")
+
+
+def unwrap_ortmodule(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if is_ortmodule(model) else model

@@ -1,0 +1,192 @@
+"""`ORTTrainer` and `Seq2SeqORTTrainer`: the `transformers` trainers, training through ONNX Runtime's ORTModule.
+
+Only hooks are overridden, each around a `super()` call (checked against transformers 5.x):
+- `_wrap_model` puts the model in an ORTModule for training and lets accelerate wrap that (DDP outside ORT);
+- `get_optimizer_cls_and_kwargs` adds ORT's FusedAdam;
+- `compute_loss` runs the loss inside the ORT graph with `--use_module_with_loss`;
+- `training_step` reports once which backend really ran;
+- `train` and `_save` switch the model to what ORT can differentiate for training and back.
+`self.model` stays the plain model, so checkpoints are ordinary Hugging Face checkpoints.
+"""
+
+import contextlib
+import logging
+import os
+
+import torch
+from transformers import PreTrainedModel, Seq2SeqTrainer, Trainer, TrainingArguments
+
+from . import ortmodule
+from .training_args import ORT_FUSED_ADAM, ORTSeq2SeqTrainingArguments, ORTTrainingArguments
+
+logger = logging.getLogger(__name__)
+
+
+class _ModelWithLoss(torch.nn.Module):
+    """The model and the trainer's loss in one module, so that ORT exports and differentiates both."""
+
+    def __init__(self, model: torch.nn.Module, compute_loss):
+        super().__init__()
+        self.model = model
+        self._compute_loss = compute_loss
+
+    def forward(self, inputs: dict, num_items_in_batch=None):
+        return self._compute_loss(self.model, inputs, num_items_in_batch=num_items_in_batch)
+
+
+def _configs_with_cache(model: torch.nn.Module) -> list:
+    """Every distinct config in the model that has `use_cache`: submodules such as T5's decoder hold copies."""
+    configs = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "use_cache", None) is not None:
+            configs[id(config)] = config
+    return list(configs.values())
+
+
+@contextlib.contextmanager
+def _use_cache(configs: list, values: list):
+    saved = [config.use_cache for config in configs]
+    for config, value in zip(configs, values):
+        config.use_cache = value
+    try:
+        yield
+    finally:
+        for config, value in zip(configs, saved):
+            config.use_cache = value
+
+
+@contextlib.contextmanager
+def _prepared_for_ort_training(model: torch.nn.Module):
+    """Eager attention (ORT cannot differentiate SDPA with dropout) and no KV cache (ORT cannot return cache
+    objects) while training; the model's own settings come back afterwards. Yields the settings to save."""
+    if not isinstance(model, PreTrainedModel):
+        yield contextlib.nullcontext
+        return
+    attention = model.config._attn_implementation
+    configs = _configs_with_cache(model)
+    user_values = [config.use_cache for config in configs]
+    if attention != "eager":
+        model.set_attn_implementation("eager")
+    try:
+        with _use_cache(configs, [False] * len(configs)):
+            yield lambda: _use_cache(configs, user_values)
+    finally:
+        if attention != "eager":
+            model.set_attn_implementation(attention)
+
+
+def _as_ort_arguments(args: TrainingArguments | None, args_class: type) -> TrainingArguments:
+    """Accept a plain `TrainingArguments` (ORT options at their defaults), as `TRL` trainers accept theirs."""
+    if args is None or isinstance(args, args_class):
+        return args
+    values = {key: value for key, value in args.to_dict().items() if not key.startswith("_")}
+    values["hub_token"] = args.hub_token
+    return args_class(**values)
+
+
+class ORTTrainer(Trainer):
+    """A `transformers.Trainer` whose training forward and backward run in ONNX Runtime.
+
+    Takes the same arguments as `Trainer`; `args` may be an `ORTTrainingArguments` or a plain `TrainingArguments`.
+    Evaluation and prediction run as in `Trainer`.
+
+    Example:
+        ```python
+        from ort_trainer import ORTTrainer, ORTTrainingArguments
+
+        args = ORTTrainingArguments(output_dir="out", ort_fallback="error")
+        trainer = ORTTrainer(model=model, args=args, train_dataset=train_dataset)
+        trainer.train()
+        ```
+    """
+
+    _args_class = ORTTrainingArguments
+
+    def __init__(self, model=None, args=None, *positional, **kwargs):
+        if args is None:
+            args = self._args_class(output_dir="trainer_output")
+        super().__init__(model, _as_ort_arguments(args, self._args_class), *positional, **kwargs)
+        self._user_settings = contextlib.nullcontext  # restores the user's model settings while saving
+        self._backend_reported = False
+
+    def train(self, *args, **kwargs):
+        if not self.args.use_ort:
+            return super().train(*args, **kwargs)
+        self._backend_reported = False
+        with _prepared_for_ort_training(self.model) as user_settings:
+            self._user_settings = user_settings
+            try:
+                return super().train(*args, **kwargs)
+            finally:
+                self._user_settings = contextlib.nullcontext
+
+    def _wrap_model(self, model, training=True, dataloader=None):
+        if not (training and self.args.use_ort):
+            return super()._wrap_model(model, training, dataloader)
+        if ortmodule.is_ortmodule(self.accelerator.unwrap_model(model)):
+            return model
+        to_wrap = _ModelWithLoss(self.model, super().compute_loss) if self.args.use_module_with_loss else self.model
+        ort_model = ortmodule.wrap_with_ortmodule(to_wrap, self._ortmodule_options())
+        # accelerate places the ORTModule, wraps it in DDP under torchrun and applies autocast. Returning a
+        # model other than `self.model` tells `Trainer` that only the optimizer is left to prepare.
+        return self.accelerator.prepare_model(ort_model)
+
+    def _ortmodule_options(self) -> ortmodule.ORTModuleOptions:
+        prefix = self.args.onnx_prefix or type(self.model).__name__
+        return ortmodule.ORTModuleOptions(
+            fallback=self.args.ort_fallback == "pytorch",
+            memory_optimization_level=self.args.ort_memory_optimization_level,
+            sparsity_optimization=self.args.ort_sparsity_optimization,
+            log_level=self.args.ort_log_level,
+            save_onnx=self.args.save_onnx,
+            onnx_prefix=f"{prefix}_rank{self.args.process_index}" if self.args.world_size > 1 else prefix,
+            save_onnx_path=os.path.join(self.args.output_dir, "onnx") if self.args.save_onnx else "",
+        )
+
+    @staticmethod
+    def get_optimizer_cls_and_kwargs(args, model=None):
+        if args.optim != ORT_FUSED_ADAM:
+            return Trainer.get_optimizer_cls_and_kwargs(args, model)
+        return ortmodule.fused_adam_class(), {
+            "lr": args.learning_rate,
+            "betas": (args.adam_beta1, args.adam_beta2),
+            "eps": args.adam_epsilon,
+        }
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.args.use_ort and self.args.use_module_with_loss and model is self.model_wrapped and not return_outputs:
+            return model(inputs, num_items_in_batch)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not self._backend_reported:
+            self._report_backend(model)
+        return loss
+
+    def _report_backend(self, model):
+        self._backend_reported = True
+        device = self.args.device
+        if not self.args.use_ort:
+            logger.info("Training backend: PyTorch on %s (`--use_ort False`).", device)
+            return
+        status = ortmodule.ortmodule_status(self.accelerator.unwrap_model(model))
+        if status.backend == "onnxruntime":
+            logger.info("Training backend: ONNX Runtime (ORTModule) on %s.", device)
+        else:
+            logger.warning("Training backend: %s on %s. %s", status.backend, device, status.reason)
+
+    def _save(self, output_dir=None, state_dict=None):
+        with self._user_settings():
+            super()._save(output_dir, state_dict)
+
+
+class Seq2SeqORTTrainer(ORTTrainer, Seq2SeqTrainer):
+    """A `Seq2SeqTrainer` whose training runs in ONNX Runtime, as `ORTTrainer`'s does."""
+
+    _args_class = ORTSeq2SeqTrainingArguments
+
+
+# The name Optimum used, for users moving over.
+ORTSeq2SeqTrainer = Seq2SeqORTTrainer

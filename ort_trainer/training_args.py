@@ -1,0 +1,107 @@
+"""`TrainingArguments` with the ONNX Runtime options, usable from `HfArgumentParser`."""
+
+from dataclasses import dataclass, field
+
+from transformers import Seq2SeqTrainingArguments, TrainingArguments
+
+from .import_utils import ORT_TRAINING_INSTALL_HINT, is_onnxruntime_training_available
+
+ORT_FUSED_ADAM = "adamw_ort_fused"
+ORT_LOG_LEVELS = ("VERBOSE", "DEVINFO", "INFO", "WARNING", "FATAL")
+
+
+@dataclass
+class ORTTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the switches of ONNX Runtime training (`--use_ort`, `--ort_*`, `--save_onnx`)."""
+
+    use_ort: bool = field(
+        default=True,
+        metadata={
+            "help": "Train with ONNX Runtime (ORTModule). `--use_ort False` runs the same script in plain PyTorch, "
+            "for side-by-side comparison."
+        },
+    )
+    optim: str = field(
+        default="adamw_torch",
+        metadata={"help": f"The optimizer: any `transformers` name, or `{ORT_FUSED_ADAM}` (ONNX Runtime's FusedAdam, CUDA only)."},
+    )
+    use_module_with_loss: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute the loss inside the ONNX Runtime graph too (model and loss exported as one module). "
+            "Useful with `compute_loss_func` or label smoothing, whose loss is otherwise computed in PyTorch."
+        },
+    )
+    ort_fallback: str = field(
+        default="pytorch",
+        metadata={
+            "help": "What to do when ONNX Runtime cannot run the model: `pytorch` falls back to PyTorch with one "
+            "warning naming the cause; `error` stops (use it in CI and benchmarks).",
+            "choices": ["pytorch", "error"],
+        },
+    )
+    ort_memory_optimization_level: int = field(
+        default=0,
+        metadata={
+            "help": "ONNX Runtime memory optimisation: 0 off, 1 transformer layer-wise recompute, "
+            "2 layer-wise recompute including compromised subgraphs.",
+            "choices": [0, 1, 2],
+        },
+    )
+    ort_sparsity_optimization: bool = field(
+        default=True,
+        metadata={
+            "help": "Let ONNX Runtime skip padded embedding and ignored label positions in compute (its CUDA build "
+            "removes embedding padding; both builds skip ignored labels)."
+        },
+    )
+    ort_log_level: str = field(
+        default="WARNING",
+        metadata={"help": "Log level of ONNX Runtime training.", "choices": list(ORT_LOG_LEVELS)},
+    )
+    save_onnx: bool = field(
+        default=False,
+        metadata={"help": "Save the ONNX training graphs ORTModule builds (for debugging) under `<output_dir>/onnx`."},
+    )
+    onnx_prefix: str = field(
+        default="",
+        metadata={"help": "File name prefix of the graphs saved with `--save_onnx` (default: the model's class name)."},
+    )
+
+    def __post_init__(self):
+        use_fused_adam = self.optim == ORT_FUSED_ADAM
+        if use_fused_adam:
+            self.optim = "adamw_torch"  # validated by the parent; replaced by FusedAdam in the trainer
+        super().__post_init__()
+        if use_fused_adam:
+            self.optim = ORT_FUSED_ADAM
+        self._check_ort_options()
+
+    def _check_ort_options(self):
+        if self.ort_fallback not in ("pytorch", "error"):
+            raise ValueError(f"`--ort_fallback` must be `pytorch` or `error`, got `{self.ort_fallback}`.")
+        if self.ort_memory_optimization_level not in (0, 1, 2):
+            raise ValueError(
+                f"`--ort_memory_optimization_level` must be 0, 1 or 2, got {self.ort_memory_optimization_level}."
+            )
+        if self.ort_log_level.upper() not in ORT_LOG_LEVELS:
+            raise ValueError(f"`--ort_log_level` must be one of {', '.join(ORT_LOG_LEVELS)}, got `{self.ort_log_level}`.")
+        if self.use_ort and not is_onnxruntime_training_available():
+            raise ValueError(
+                f"ONNX Runtime training is not installed. To fix: {ORT_TRAINING_INSTALL_HINT}, "
+                "or pass `--use_ort False` to train with PyTorch."
+            )
+        if self.optim == ORT_FUSED_ADAM and self.device.type != "cuda":
+            raise ValueError(
+                f"`--optim {ORT_FUSED_ADAM}` runs only on CUDA, but this run uses {self.device.type}. "
+                "To fix: use `--optim adamw_torch` on CPU."
+            )
+        if self.fp16 and self.device.type == "cpu":
+            raise ValueError(
+                "`--fp16` needs a GPU, and this run is on CPU. To fix: drop `--fp16`, or use `--bf16 --use_cpu`."
+            )
+
+
+@dataclass
+class ORTSeq2SeqTrainingArguments(ORTTrainingArguments, Seq2SeqTrainingArguments):
+    """`Seq2SeqTrainingArguments` with the ONNX Runtime options of `ORTTrainingArguments`."""

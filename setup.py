@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+EXAMPLES = ["datasets>=3", "evaluate>=0.4", "scikit-learn", "scipy", "seqeval", "sacrebleu>=2", "tokenizers", "sentencepiece"]
+
+setup(
+    name="ort_trainer",
+    version="0.1.0",
+    description="Hugging Face fine-tuning with ONNX Runtime: ORTTrainer and Seq2SeqORTTrainer for today's torch and transformers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["ort_trainer", "ort_trainer.*"]),
+    python_requires=">=3.10,<3.13",
+    install_requires=["torch>=2.5", "transformers>=5,<6", "accelerate>=1.0", "numpy", "packaging"],
+    extras_require={
+        # Pick one ONNX Runtime build: they all install the `onnxruntime` module and conflict with each other.
+        "training-cpu": ["onnxruntime-training-cpu==1.19.2"],
+        "training-gpu": ["onnxruntime-training==1.19.2"],  # CUDA 11.8, Python <= 3.11
+        "inference": ["onnxruntime>=1.17"],
+        "inference-gpu": ["onnxruntime-gpu>=1.17"],
+        "examples": EXAMPLES,
+        "benchmark": EXAMPLES + ["matplotlib"],
+        "tests": EXAMPLES + ["matplotlib", "pytest"],
+    },
+)

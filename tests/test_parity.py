@@ -1,0 +1,61 @@
+"""ORTTrainer trains exactly as transformers.Trainer does, with ONNX Runtime really running the graph."""
+
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+
+from ort_trainer import ORTTrainer, ORTTrainingArguments
+from ort_trainer.ortmodule import ortmodule_status
+
+from .tiny_models import TASKS, tiny_dataset, tiny_model
+
+STEPS = 5
+
+
+def recording(trainer_class):
+    class Recording(trainer_class):
+        """Records each training loss and which backend computed it."""
+
+        losses, backends = [], []
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if model.training:
+                self.losses.append(loss.item())
+                self.backends.append(ortmodule_status(self.accelerator.unwrap_model(model)).backend)
+            return loss
+
+    Recording.losses, Recording.backends = [], []
+    return Recording
+
+
+def train(name, tmp_path, use_ort):
+    common = dict(
+        output_dir=str(tmp_path / ("ort" if use_ort else "torch")), max_steps=STEPS, per_device_train_batch_size=8,
+        learning_rate=1e-3, seed=0, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )
+    if use_ort:
+        args, trainer_class = ORTTrainingArguments(ort_fallback="error", **common), recording(ORTTrainer)
+    else:
+        args, trainer_class = TrainingArguments(**common), recording(Trainer)
+    trainer = trainer_class(model=tiny_model(name), args=args, train_dataset=tiny_dataset(name))
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_losses_and_weights_match_pytorch(name, tmp_path):
+    reference = train(name, tmp_path, use_ort=False)
+    ort = train(name, tmp_path, use_ort=True)
+
+    assert set(ort.backends) == {"onnxruntime"}, ort.backends
+    assert len(ort.losses) == len(reference.losses) == STEPS
+    assert ort.losses == pytest.approx(reference.losses, abs=1e-4)
+    initial = tiny_model(name).state_dict()
+    moved = 0.0
+    for (key, ort_value), reference_value in zip(
+        ort.model.state_dict().items(), reference.model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(ort_value, reference_value, atol=1e-4, rtol=0, msg=key)
+        moved = max(moved, (ort_value.float() - initial[key].float()).abs().max().item())
+    assert moved > 1e-3, "the optimizer did not change the weights"
