@@ -19,6 +19,7 @@ import inspect
 import logging
 import os
 import sys
+import traceback
 import types
 from dataclasses import dataclass
 from functools import lru_cache
@@ -42,6 +43,10 @@ _MOVED_TORCH_ONNX_MODULES = {
 
 class ORTTrainingUnavailableError(ImportError):
     """ORT training was asked for but cannot run in this environment."""
+
+
+class ORTTrainingError(RuntimeError):
+    """ONNX Runtime could not export or run the model, and falling back to PyTorch was not allowed."""
 
 
 def cache_dir() -> Path:
@@ -180,7 +185,6 @@ class ORTModuleOptions:
     """The ORTModule settings ort_trainer exposes. ORT 1.19 reads most of them from the environment when an
     ORTModule is built, so they are set only for that moment."""
 
-    fallback: bool = False
     memory_optimization_level: int = 0
     sparsity_optimization: bool = True
     log_level: str = "WARNING"
@@ -191,8 +195,8 @@ class ORTModuleOptions:
     def environment(self) -> dict:
         """Environment variables to set while the ORTModule is built (None: unset)."""
         return {
-            # Unset means ORT's default policy, which falls back on unsupported devices, data and models.
-            "ORTMODULE_FALLBACK_POLICY": None if self.fallback else "FALLBACK_DISABLE",
+            # ORT falls back only for some of its own exception types; ort_trainer decides on every failure itself.
+            "ORTMODULE_FALLBACK_POLICY": "FALLBACK_DISABLE",
             "ORTMODULE_MEMORY_OPT_LEVEL": str(self.memory_optimization_level),
             "ORTMODULE_ENABLE_EMBEDDING_SPARSE_OPTIMIZER": str(int(self.sparsity_optimization)),
             "ORTMODULE_ENABLE_LABEL_SPARSE_OPTIMIZER": str(int(self.sparsity_optimization)),
@@ -273,6 +277,15 @@ def ortmodule_status(model) -> ORTModuleStatus:
     if model._torch_module._execution_manager(True)._execution_agent is None:
         return ORTModuleStatus("onnxruntime (not run yet)")
     return ORTModuleStatus("onnxruntime")
+
+
+def describe_failure(model: torch.nn.Module, error: BaseException) -> str:
+    """A sentence saying why ORT could not train `model`: the error's first line, or where it was raised."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if not message:
+        frame = traceback.extract_tb(error.__traceback__)[-1]
+        message = f"{type(error).__name__} in {Path(frame.filename).name}:{frame.name}"
+    return f"ONNX Runtime could not train {type(unwrap_ortmodule(model)).__name__}: {message}."
 
 
 def unwrap_ortmodule(model: torch.nn.Module) -> torch.nn.Module:

@@ -64,10 +64,10 @@ def _prepared_for_ort_training(model: torch.nn.Module):
         yield contextlib.nullcontext
         return
     attention = model.config._attn_implementation
+    if attention != "eager":
+        model.set_attn_implementation("eager")  # may replace config objects: collect them after
     configs = _configs_with_cache(model)
     user_values = [config.use_cache for config in configs]
-    if attention != "eager":
-        model.set_attn_implementation("eager")
     try:
         with _use_cache(configs, [False] * len(configs)):
             yield lambda: _use_cache(configs, user_values)
@@ -109,11 +109,13 @@ class ORTTrainer(Trainer):
         super().__init__(model, _as_ort_arguments(args, self._args_class), *positional, **kwargs)
         self._user_settings = contextlib.nullcontext  # restores the user's model settings while saving
         self._backend_reported = False
+        self._pytorch_fallback = None  # the model trained in PyTorch after ORT failed, with `--ort_fallback pytorch`
+        self._fallback_reason = ""
 
     def train(self, *args, **kwargs):
         if not self.args.use_ort:
             return super().train(*args, **kwargs)
-        self._backend_reported = False
+        self._backend_reported, self._pytorch_fallback = False, None
         with _prepared_for_ort_training(self.model) as user_settings:
             self._user_settings = user_settings
             try:
@@ -135,7 +137,6 @@ class ORTTrainer(Trainer):
     def _ortmodule_options(self) -> ortmodule.ORTModuleOptions:
         prefix = self.args.onnx_prefix or type(self.model).__name__
         return ortmodule.ORTModuleOptions(
-            fallback=self.args.ort_fallback == "pytorch",
             memory_optimization_level=self.args.ort_memory_optimization_level,
             sparsity_optimization=self.args.ort_sparsity_optimization,
             log_level=self.args.ort_log_level,
@@ -160,22 +161,44 @@ class ORTTrainer(Trainer):
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if not self._backend_reported:
-            self._report_backend(model)
+        if self._pytorch_fallback is not None:
+            model = self._pytorch_fallback  # the training loop still holds the ORTModule it was given
+        if self._backend_reported:
+            return super().training_step(model, inputs, num_items_in_batch)
+        # The first step exports and builds the ORT graph: say plainly what failed, and which backend runs.
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        except Exception as error:
+            unwrapped = self.accelerator.unwrap_model(model)
+            if not ortmodule.is_ortmodule(unwrapped):
+                raise
+            reason = ortmodule.describe_failure(unwrapped, error)
+            if self.args.ort_fallback == "error":
+                raise ortmodule.ORTTrainingError(
+                    f"{reason} To fix: pass `--ort_fallback pytorch` to train in PyTorch when ORT cannot, "
+                    "or `--use_ort False`."
+                ) from error
+            model = self._fall_back_to_pytorch(reason)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        self._report_backend(model)
         return loss
+
+    def _fall_back_to_pytorch(self, reason: str):
+        logger.warning("%s Training continues in PyTorch (`--ort_fallback pytorch`).", reason)
+        self._fallback_reason = reason
+        self._pytorch_fallback = self.model_wrapped = self.accelerator.prepare_model(self.model)
+        return self._pytorch_fallback
 
     def _report_backend(self, model):
         self._backend_reported = True
         device = self.args.device
         if not self.args.use_ort:
             logger.info("Training backend: PyTorch on %s (`--use_ort False`).", device)
-            return
-        status = ortmodule.ortmodule_status(self.accelerator.unwrap_model(model))
-        if status.backend == "onnxruntime":
-            logger.info("Training backend: ONNX Runtime (ORTModule) on %s.", device)
+        elif self._pytorch_fallback is not None:
+            logger.warning("Training backend: PyTorch on %s, not ONNX Runtime. %s", device, self._fallback_reason)
         else:
-            logger.warning("Training backend: %s on %s. %s", status.backend, device, status.reason)
+            status = ortmodule.ortmodule_status(self.accelerator.unwrap_model(model))
+            logger.info("Training backend: %s on %s.", status.backend, device)
 
     def _save(self, output_dir=None, state_dict=None):
         with self._user_settings():
