@@ -11,7 +11,7 @@ setup(
     license="Apache-2.0",
     packages=find_packages(include=["ort_trainer", "ort_trainer.*"]),
     python_requires=">=3.10,<3.13",
-    install_requires=["torch>=2.5", "transformers>=5,<6", "accelerate>=1.0", "numpy", "packaging"],
+    install_requires=["torch>=2.5", "transformers>=5,<6", "accelerate>=1.0", "numpy", "packaging", "coloredlogs"],
     extras_require={
         # Pick one ONNX Runtime build: they all install the `onnxruntime` module and conflict with each other.
         "training-cpu": ["onnxruntime-training-cpu==1.19.2"],

@@ -12,11 +12,13 @@ Only hooks are overridden, each around a `super()` call (checked against transfo
 import contextlib
 import logging
 import os
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, Seq2SeqTrainer, Trainer, TrainingArguments
 
-from . import ortmodule
+from . import onnx, ortmodule
+from .onnx import trim_padding
 from .training_args import ORT_FUSED_ADAM, ORTSeq2SeqTrainingArguments, ORTTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -111,6 +113,7 @@ class ORTTrainer(Trainer):
         self._backend_reported = False
         self._pytorch_fallback = None  # the model trained in PyTorch after ORT failed, with `--ort_fallback pytorch`
         self._fallback_reason = ""
+        self._onnx_model = self._onnx_model_logged = None  # the InferenceSession of `--inference_with_ort`
 
     def train(self, *args, **kwargs):
         if not self.args.use_ort:
@@ -199,6 +202,39 @@ class ORTTrainer(Trainer):
         else:
             status = ortmodule.ortmodule_status(self.accelerator.unwrap_model(model))
             logger.info("Training backend: %s on %s.", status.backend, device)
+
+    def evaluation_loop(self, dataloader, *args, **kwargs):
+        if self.args.inference_with_ort:
+            self._onnx_model = self._load_onnx_model(dataloader)
+        return super().evaluation_loop(dataloader, *args, **kwargs)
+
+    def _load_onnx_model(self, dataloader) -> onnx.ONNXModel:
+        sample = trim_padding(self._model_inputs(self._prepare_inputs(next(iter(dataloader)))))
+        # One rank exports (or reuses a current export); the others then load what it wrote.
+        with self.args.main_process_first(desc="ONNX export"):
+            onnx_model = onnx.load_onnx_model(self.model, sample, Path(self.args.output_dir) / "onnx")
+        if onnx_model is not self._onnx_model_logged:
+            logger.info(
+                "Evaluation backend: ONNX Runtime on %s (%s, optimisation: %s).",
+                onnx_model.provider, onnx_model.path, onnx_model.optimization,
+            )
+            self._onnx_model_logged = onnx_model
+        return onnx_model
+
+    def _model_inputs(self, inputs: dict) -> dict:
+        return {name: value for name, value in inputs.items() if name not in self.label_names and torch.is_tensor(value)}
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if not self.args.inference_with_ort:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        model_inputs = self._model_inputs(inputs)
+        logits = self._onnx_model(trim_padding(model_inputs))["logits"]
+        if logits.dim() == 3:  # token classification: back to the batch's padded length, for the labels
+            logits = torch.nn.functional.pad(logits, (0, 0, 0, model_inputs["input_ids"].shape[1] - logits.shape[1]))
+        labels = inputs.get("labels")
+        loss = onnx.task_loss(self.model, logits, labels) if labels is not None else None
+        return loss, None if prediction_loss_only else logits, labels
 
     def _save(self, output_dir=None, state_dict=None):
         with self._user_settings():

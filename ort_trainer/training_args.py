@@ -59,6 +59,17 @@ class ORTTrainingArguments(TrainingArguments):
         default="WARNING",
         metadata={"help": "Log level of ONNX Runtime training.", "choices": list(ORT_LOG_LEVELS)},
     )
+    inference_with_ort: bool = field(
+        default=False,
+        metadata={
+            "help": "Evaluate and predict with the exported ONNX model in an onnxruntime.InferenceSession instead "
+            "of PyTorch (sequence and token classification). Works with any ONNX Runtime build."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train into a non-empty `output_dir` anyway (without it the example scripts refuse, to keep what is there)."},
+    )
     save_onnx: bool = field(
         default=False,
         metadata={"help": "Save the ONNX training graphs ORTModule builds (for debugging) under `<output_dir>/onnx`."},

@@ -1,0 +1,227 @@
+"""Evaluation and prediction in an `onnxruntime.InferenceSession`: export once, optimise where results stay equal,
+run batches of any size and length. Works with every ONNX Runtime build (plain, -gpu, -training)."""
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .import_utils import is_onnxruntime_available, onnxruntime_providers
+
+logger = logging.getLogger(__name__)
+
+OPSET = 17
+# Model types whose graphs ORT's transformer optimizer fuses, and the fusion recipe it uses for them.
+OPTIMIZER_MODEL_TYPES = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "distilbert": "bert", "electra": "bert"}
+# Outputs of the supported heads, and the names of their dynamic axes.
+TASK_OUTPUTS = {
+    "ForSequenceClassification": {"logits": {0: "batch"}},
+    "ForTokenClassification": {"logits": {0: "batch", 1: "sequence"}},
+}
+
+
+class ONNXExportError(RuntimeError):
+    """The model could not be exported to ONNX."""
+
+
+def model_task(model: torch.nn.Module) -> str:
+    """The head of a supported model class or its parents (e.g. "ForSequenceClassification"), or an error."""
+    for cls in type(model).__mro__:
+        for task in TASK_OUTPUTS:
+            if cls.__name__.endswith(task):
+                return task
+    name = type(model).__name__
+    raise ONNXExportError(
+        f"`--inference_with_ort` runs sequence and token classification models; {name} is neither. "
+        "To fix: evaluate it in PyTorch (drop `--inference_with_ort`)."
+    )
+
+
+def trim_padding(inputs: dict) -> dict:
+    """Drop the trailing columns that are padding in every row. Masked positions do not change the others, so the
+    results stay equal while the work shrinks to the longest real sequence (ORT's own padding removal is CUDA-only)."""
+    mask = inputs.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return inputs
+    length = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
+    if length == mask.shape[1]:
+        return inputs
+    return {
+        name: value[:, :length] if value.dim() >= 2 and value.shape[1] == mask.shape[1] else value
+        for name, value in inputs.items()
+    }
+
+
+def task_loss(model: torch.nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss the model's own forward computes from these logits, with transformers' loss functions."""
+    from transformers.loss.loss_utils import ForSequenceClassificationLoss, ForTokenClassification
+
+    if model_task(model) == "ForTokenClassification":
+        return ForTokenClassification(logits, labels, model.config)
+    return ForSequenceClassificationLoss(labels, logits, model.config)
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """A digest of the weights and config, so an exported graph is reused only while it is current."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    config = getattr(model, "config", None)
+    if config is not None:
+        # problem_type is set by the first loss computed and does not change the graph.
+        values = {key: value for key, value in config.to_dict().items() if key != "problem_type"}
+        digest.update(json.dumps(values, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def export_onnx(model: torch.nn.Module, sample_inputs: dict, path: Path) -> Path:
+    """Export `model`'s inference graph with dynamic batch and sequence axes (TorchScript exporter, opset 17)."""
+    outputs = TASK_OUTPUTS[model_task(model)]
+    input_names = list(sample_inputs)
+    dynamic_axes = {name: {0: "batch", 1: "sequence"} for name in input_names} | outputs
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            torch.onnx.export(
+                model, (), str(path), kwargs=sample_inputs, input_names=input_names, output_names=list(outputs),
+                dynamic_axes=dynamic_axes, opset_version=OPSET, do_constant_folding=True, dynamo=False,
+            )
+    except Exception as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ONNXExportError(
+            f"Could not export {type(model).__name__} to ONNX for `--inference_with_ort`: {first_line} "
+            "To fix: evaluate in PyTorch (drop `--inference_with_ort`)."
+        ) from error
+    finally:
+        model.train(was_training)
+    return path
+
+
+def _ort():
+    if not is_onnxruntime_available():
+        raise ImportError(
+            "`--inference_with_ort` needs ONNX Runtime. To fix: pip install onnxruntime (or onnxruntime-gpu, "
+            "or an onnxruntime-training build, which also runs inference)."
+        )
+    import onnxruntime
+
+    return onnxruntime
+
+
+def select_provider(device: torch.device, available: tuple) -> str:
+    """CUDA when the model is on a GPU and this ONNX Runtime build has it, else the CPU."""
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" in available:
+            return "CUDAExecutionProvider"
+        logger.warning(
+            "The model is on %s, but the installed ONNX Runtime has no CUDAExecutionProvider: evaluating with ONNX "
+            "Runtime on the CPU. To evaluate on the GPU: pip install onnxruntime-gpu.", device
+        )
+    return "CPUExecutionProvider"
+
+
+def create_inference_session(path: Path, provider: str, device: torch.device):
+    onnxruntime = _ort()
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    provider_options = [{"device_id": str(device.index or 0)}] if provider == "CUDAExecutionProvider" else [{}]
+    return onnxruntime.InferenceSession(str(path), options, providers=[provider], provider_options=provider_options)
+
+
+@dataclass
+class ONNXModel:
+    """An exported model in an InferenceSession, called like the PyTorch model on a batch of tensors."""
+
+    session: object
+    path: Path
+    provider: str
+    device: torch.device
+    optimization: str
+
+    @property
+    def input_names(self) -> list:
+        return [node.name for node in self.session.get_inputs()]
+
+    def __call__(self, inputs: dict) -> dict:
+        feeds = {name: inputs[name] for name in self.input_names}
+        if self.provider == "CUDAExecutionProvider":
+            return self._run_with_io_binding(feeds)
+        names = [node.name for node in self.session.get_outputs()]
+        values = self.session.run(names, {name: tensor.cpu().numpy() for name, tensor in feeds.items()})
+        return {name: torch.from_numpy(value).to(self.device) for name, value in zip(names, values)}
+
+    def _run_with_io_binding(self, feeds: dict) -> dict:
+        """Inputs read from and outputs left on the GPU: no host round trip per batch."""
+        binding = self.session.io_binding()
+        for name, tensor in feeds.items():
+            tensor = tensor.contiguous()
+            binding.bind_input(
+                name, "cuda", tensor.device.index or 0, _numpy_type(tensor.dtype), list(tensor.shape), tensor.data_ptr()
+            )
+        for node in self.session.get_outputs():
+            binding.bind_output(node.name, "cuda", self.device.index or 0)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        return {
+            node.name: torch.from_dlpack(value.to_dlpack()) for node, value in zip(self.session.get_outputs(), outputs)
+        }
+
+
+def _numpy_type(dtype: torch.dtype):
+    return {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32, torch.float16: np.float16}[dtype]
+
+
+def _optimize(path: Path, model: torch.nn.Module, provider: str):
+    """Fuse attention, layer norm and GELU with ORT's transformer optimizer, for the architectures it knows."""
+    config = getattr(model, "config", None)
+    model_type = OPTIMIZER_MODEL_TYPES.get(getattr(config, "model_type", None))
+    if model_type is None:
+        return
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_heads", 0)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", 0)
+    optimized = optimize_model(
+        str(path), model_type=model_type, num_heads=heads, hidden_size=hidden,
+        use_gpu=provider == "CUDAExecutionProvider", opt_level=0,
+    )
+    optimized.save_model_to_file(str(path.with_name("model_optimized.onnx")))
+
+
+def _same_outputs(first: ONNXModel, second: ONNXModel, inputs: dict, atol: float = 1e-4) -> bool:
+    a, b = first(inputs), second(inputs)
+    return all(torch.allclose(a[name].float(), b[name].float(), atol=atol, rtol=0) for name in a)
+
+
+def load_onnx_model(model: torch.nn.Module, sample_inputs: dict, directory: Path, optimize: bool = True) -> ONNXModel:
+    """The ONNX Runtime counterpart of `model`: exported into `directory` (reused while the weights and config are
+    unchanged), optimised when the optimised graph gives the same outputs on `sample_inputs`, in a session."""
+    device = next(model.parameters()).device
+    provider = select_provider(device, onnxruntime_providers())
+    directory = Path(directory)
+    path, stamp_path = directory / "model.onnx", directory / "model.json"
+    stamp = {"fingerprint": fingerprint(model), "inputs": sorted(sample_inputs), "provider": provider, "opset": OPSET}
+    current = path.exists() and stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp
+    optimized_path = directory / "model_optimized.onnx"
+    if not current:
+        optimized_path.unlink(missing_ok=True)
+        export_onnx(model, sample_inputs, path)
+        if optimize:
+            _optimize(path, model, provider)
+        stamp_path.write_text(json.dumps(stamp))
+    plain = ONNXModel(create_inference_session(path, provider, device), path, provider, device, "none")
+    if not optimize or not optimized_path.exists():
+        return plain
+    fused = ONNXModel(create_inference_session(optimized_path, provider, device), optimized_path, provider, device,
+                      "transformer fusions")
+    if _same_outputs(plain, fused, sample_inputs):
+        return fused
+    logger.warning("ORT's transformer optimizer changed this model's outputs; evaluating the unfused graph.")
+    return plain

@@ -1,0 +1,119 @@
+"""`--inference_with_ort`: evaluation and prediction in an InferenceSession give the PyTorch model's results."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForTokenClassification, BertConfig
+
+from ort_trainer import ORTTrainer, ORTTrainingArguments
+from ort_trainer.onnx import ONNXExportError
+
+from .tiny_models import CONFIGS, VOCAB, tiny_model
+
+LENGTH = 16
+
+
+def padded_rows(size, token_labels=False, seed=1):
+    """Rows of 3 to 16 real tokens padded to 16 (pad id 0); labels from the first token, or per token."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(size):
+        real = int(torch.randint(3, LENGTH + 1, (1,), generator=generator))
+        ids = torch.zeros(LENGTH, dtype=torch.long)
+        ids[:real] = torch.randint(3, VOCAB, (real,), generator=generator)
+        mask = (ids != 0).long()
+        if token_labels:
+            labels = torch.where(mask.bool(), ids % 3, torch.full_like(ids, -100))
+        else:
+            labels = torch.tensor(int(ids[0]) % 2)
+        rows.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return rows
+
+
+def accuracy(prediction):
+    predictions, labels = prediction.predictions.argmax(-1), prediction.label_ids
+    keep = labels != -100
+    return {"accuracy": float((predictions[keep] == labels[keep]).mean())}
+
+
+def run(model, tmp_path, data, inference_with_ort):
+    args = ORTTrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, per_device_eval_batch_size=8, max_steps=10,
+        learning_rate=1e-3, seed=0, report_to=[], use_cpu=True, save_strategy="no", ort_fallback="error",
+        inference_with_ort=inference_with_ort, disable_tqdm=True,
+    )
+    trainer = ORTTrainer(model=model, args=args, train_dataset=data, eval_dataset=data[:21], compute_metrics=accuracy)
+    return trainer
+
+
+@pytest.mark.parametrize("name", ["bert", "roberta"])
+def test_classification_metrics_and_logits_match_pytorch(name, tmp_path, caplog):
+    data = padded_rows(64)
+    trainer = run(tiny_model(name), tmp_path, data, inference_with_ort=False)
+    trainer.train()
+    pytorch_metrics = trainer.evaluate()
+    pytorch_prediction = trainer.predict(data[:21])
+
+    trainer.args.inference_with_ort = True
+    with caplog.at_level("INFO", logger="ort_trainer"):
+        ort_metrics = trainer.evaluate()
+    assert "Evaluation backend: ONNX Runtime on CPUExecutionProvider" in caplog.text
+    ort_prediction = trainer.predict(data[:21])  # 21 rows: the last batch is partial
+
+    assert ort_metrics["eval_accuracy"] == pytorch_metrics["eval_accuracy"]
+    assert ort_metrics["eval_loss"] == pytest.approx(pytorch_metrics["eval_loss"], abs=1e-5)
+    np.testing.assert_array_equal(ort_prediction.predictions.argmax(-1), pytorch_prediction.predictions.argmax(-1))
+    np.testing.assert_allclose(ort_prediction.predictions, pytorch_prediction.predictions, atol=1e-4, rtol=0)
+    assert (tmp_path / "onnx" / "model.onnx").exists()
+
+
+def test_token_classification_matches_pytorch_on_every_token(tmp_path):
+    torch.manual_seed(0)
+    config = CONFIGS["bert"]()
+    config.num_labels = 3
+    model = AutoModelForTokenClassification.from_config(config)
+    data = padded_rows(48, token_labels=True)
+    trainer = run(model, tmp_path, data, inference_with_ort=False)
+    trainer.train()
+    pytorch_prediction = trainer.predict(data[:21])
+    trainer.args.inference_with_ort = True
+    ort_prediction = trainer.predict(data[:21])
+    keep = pytorch_prediction.label_ids != -100
+    np.testing.assert_array_equal(
+        ort_prediction.predictions.argmax(-1)[keep], pytorch_prediction.predictions.argmax(-1)[keep]
+    )
+    np.testing.assert_allclose(ort_prediction.predictions[keep], pytorch_prediction.predictions[keep], atol=1e-4, rtol=0)
+    assert ort_prediction.metrics["test_accuracy"] == pytorch_prediction.metrics["test_accuracy"]
+
+
+def test_export_is_reused_while_weights_are_unchanged(tmp_path):
+    data = padded_rows(16)
+    trainer = run(tiny_model("bert"), tmp_path, data, inference_with_ort=True)
+    trainer.evaluate()
+    exported = tmp_path / "onnx" / "model.onnx"
+    first = exported.stat().st_mtime_ns
+    trainer.evaluate()
+    assert exported.stat().st_mtime_ns == first
+    with torch.no_grad():
+        trainer.model.classifier.bias.add_(1.0)
+    trainer.evaluate()
+    assert exported.stat().st_mtime_ns != first
+
+
+class BesselHead(type(tiny_model("bert"))):
+    """A classifier whose head uses an operator the ONNX exporter does not know."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None):
+        output = super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        output.logits = torch.special.bessel_j0(output.logits)
+        return output
+
+
+def test_model_that_cannot_be_exported_names_the_operator(tmp_path):
+    torch.manual_seed(0)
+    config = CONFIGS["bert"]()
+    config.num_labels = 2
+    trainer = run(BesselHead(config), tmp_path, padded_rows(8), inference_with_ort=True)
+    with pytest.raises(ONNXExportError, match="aten::special_bessel_j0") as raised:
+        trainer.evaluate()
+    assert "\n" not in str(raised.value)
