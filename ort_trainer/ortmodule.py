@@ -9,7 +9,8 @@ ORT 1.19.2 is the last `onnxruntime-training` release. On today's torch it needs
   autograd functions stay off (`ORTMODULE_ENABLE_CUSTOM_AUTOGRAD=0`), so it is never called;
 - its NVTX markers skipped on CPU-only torch builds;
 - its own `torch.onnx.export` call to use the TorchScript exporter (`dynamo=False`); user calls keep torch's default.
-It also carries one fix for ORT itself: turning sparsity optimisation off crashed its export.
+It also keeps ORT's export rules (ATen fallbacks) out of other exports, and fixes one ORT crash (turning sparsity
+optimisation off broke its export).
 Each fix is applied only when the running torch shows the need.
 """
 
@@ -157,6 +158,40 @@ def _fix_disabled_label_sparsity_hook():
     GraphTransitionManager._add_check_label_sparsity_hook = staticmethod(_add_check_label_sparsity_hook)
 
 
+def _ort_symbolics(register: bool, opset: int):
+    from onnxruntime.tools import pytorch_export_contrib_ops
+    from onnxruntime.training.ortmodule._custom_op_symbolic_registry import CustomOpSymbolicRegistry
+
+    if register:
+        CustomOpSymbolicRegistry.register_all(opset)
+        pytorch_export_contrib_ops.register()
+        return
+    for name in CustomOpSymbolicRegistry._SYMBOLICS:
+        torch.onnx.unregister_custom_op_symbolic(name, opset)
+    pytorch_export_contrib_ops.unregister()
+
+
+def _keep_ort_symbolics_inside_its_exports():
+    """ORTModule registers its ATen and contrib-op export rules in torch for good, which would put ORT-only ATen
+    nodes into every later `torch.onnx.export`. Here they exist only while ORTModule exports its own graph."""
+    from onnxruntime.training.ortmodule._graph_transition_manager import GraphTransitionManager
+
+    export_model = GraphTransitionManager._export_model
+    if getattr(export_model, "_ort_trainer_patched", False):
+        return
+
+    def _export_model(*args, **kwargs):
+        opset = kwargs["onnx_opset_version"]
+        _ort_symbolics(register=True, opset=opset)
+        try:
+            return export_model(*args, **kwargs)
+        finally:
+            _ort_symbolics(register=False, opset=opset)
+
+    _export_model._ort_trainer_patched = True
+    GraphTransitionManager._export_model = staticmethod(_export_model)
+
+
 @lru_cache
 def load_ortmodule():
     """Import `ORTModule`, making ORT 1.19 work on the running torch first. Returns the `ORTModule` class."""
@@ -177,6 +212,7 @@ def load_ortmodule():
     _skip_nvtx_without_cuda()
     _use_torchscript_exporter()
     _fix_disabled_label_sparsity_hook()
+    _keep_ort_symbolics_inside_its_exports()
     return ortmodule.ORTModule
 
 
@@ -235,8 +271,14 @@ def wrap_with_ortmodule(model: torch.nn.Module, options: ORTModuleOptions) -> to
     )
     with _environment(options.environment()):
         wrapped = ort_module_cls(model, debug_options)
+    # ORTModule registered its export rules globally; they come back only for its own exports.
+    _ort_symbolics(register=False, opset=_runtime_opset(wrapped))
     logging.getLogger("orttraining").addFilter(_drop_name_collision_warnings)
     return wrapped
+
+
+def _runtime_opset(model) -> int:
+    return model._torch_module._execution_manager(True)._runtime_options.onnx_opset_version
 
 
 def _drop_name_collision_warnings(record: logging.LogRecord) -> bool:

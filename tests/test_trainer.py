@@ -207,3 +207,17 @@ def test_loss_inside_the_graph_matches_pytorch(tmp_path):
     assert ortmodule_status(wrapped).backend == "onnxruntime"
     for key, value in ort.model.state_dict().items():
         torch.testing.assert_close(value, reference.model.state_dict()[key], atol=1e-4, rtol=0, msg=key)
+
+
+def test_torch_onnx_export_keeps_torch_defaults_after_ort_training(tmp_path):
+    import inspect
+
+    dynamo_default = inspect.signature(torch.onnx.export).parameters["dynamo"].default
+    ORTTrainer(model=tiny_model("bert"), args=ort_args(tmp_path, max_steps=1), train_dataset=tiny_dataset("bert")).train()
+    assert inspect.signature(torch.onnx.export).parameters["dynamo"].default == dynamo_default
+    model = tiny_model("bert").eval()
+    path = tmp_path / "user.onnx"
+    torch.onnx.export(model, (torch.ones(1, 4, dtype=torch.long),), str(path), dynamo=False, opset_version=17)
+    import onnx
+
+    assert {node.domain for node in onnx.load(path).graph.node} == {""}

@@ -1,0 +1,248 @@
+"""What the example scripts share: model arguments, parsing, logging, output folder checks, data loading,
+tokenizers built offline, and the train / evaluate / save steps. Each script keeps only its task's code."""
+
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import transformers
+from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, PreTrainedTokenizerFast
+from transformers.trainer_utils import get_last_checkpoint
+
+from .onnx import ONNXExportError
+from .ortmodule import ORTTrainingError
+
+logger = logging.getLogger(__name__)
+
+# Errors that come from what the user asked for: reported in one line, without a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, ImportError, ORTTrainingError, ONNXExportError)
+
+
+@dataclass
+class ModelArguments:
+    """Which model, config and tokenizer to start from."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Pretrained model: a Hub id or a local folder. Leave it out and give `--config_name` to train a "
+            "new model from scratch."
+        },
+    )
+    config_name: str | None = field(
+        default=None, metadata={"help": "Config (Hub id, folder or .json file), if not the model's own."}
+    )
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's own."})
+    train_tokenizer: bool = field(
+        default=False,
+        metadata={"help": "Build a WordPiece tokenizer from the training text (offline, for models trained from scratch)."},
+    )
+    tokenizer_vocab_size: int = field(default=2000, metadata={"help": "Vocabulary size of `--train_tokenizer`."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to keep what is downloaded from the Hub."})
+    model_revision: str = field(default="main", metadata={"help": "Model version: a branch, tag or commit id."})
+    token: str | None = field(default=None, metadata={"help": "Hub token, for private models and data sets."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow models and data sets that run their own code from the Hub."}
+    )
+    ignore_mismatched_sizes: bool = field(
+        default=False, metadata={"help": "Load a checkpoint whose head has another number of labels."}
+    )
+
+    def __post_init__(self):
+        if self.model_name_or_path is None and self.config_name is None:
+            raise ValueError("Give `--model_name_or_path`, or `--config_name` to train a new model from scratch.")
+        if self.model_name_or_path is None and self.tokenizer_name is None and not self.train_tokenizer:
+            raise ValueError("A model trained from scratch needs `--tokenizer_name` or `--train_tokenizer`.")
+
+    def hub_kwargs(self) -> dict:
+        return {
+            "cache_dir": self.cache_dir, "revision": self.model_revision, "token": self.token,
+            "trust_remote_code": self.trust_remote_code,
+        }
+
+
+def run(main):
+    """Run a script's `main()`: an error in what the user asked for prints one line and exits 1, and an output
+    folder this run created is removed again, so a failed run leaves the disk as it found it."""
+    output_dir = _output_dir_argument(sys.argv[1:])
+    existed = output_dir is not None and output_dir.exists()
+    try:
+        main()
+    except USER_ERRORS as error:
+        if output_dir is not None and not existed:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _output_dir_argument(argv: list) -> Path | None:
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        import json
+
+        try:
+            value = json.loads(Path(argv[0]).read_text()).get("output_dir")
+        except (OSError, ValueError):
+            return None
+        return Path(value) if value else None
+    for index, argument in enumerate(argv):
+        if argument.startswith("--output_dir="):
+            return Path(argument.split("=", 1)[1])
+        if argument == "--output_dir" and index + 1 < len(argv):
+            return Path(argv[index + 1])
+    return None
+
+
+def parse_arguments(*dataclass_types):
+    """Command-line flags, or one .json file holding the same options."""
+    parser = HfArgumentParser(dataclass_types)
+    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+    return parser.parse_args_into_dataclasses()
+
+
+def setup_logging(training_args) -> None:
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    if training_args.should_log:
+        transformers.utils.logging.set_verbosity_info()
+    level = training_args.get_process_log_level()
+    for library_logger in (logging.getLogger("ort_trainer"), logger):
+        library_logger.setLevel(level)
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+    logger.warning(
+        "Process rank: %s, device: %s, n_gpu: %s, distributed: %s, fp16: %s, bf16: %s, ORT training: %s",
+        training_args.process_index, training_args.device, training_args.n_gpu,
+        training_args.parallel_mode.value == "distributed", training_args.fp16, training_args.bf16,
+        training_args.use_ort,
+    )
+
+
+def last_checkpoint(training_args) -> str | None:
+    """The checkpoint to resume from in `output_dir`; refuses to train into a non-empty folder otherwise."""
+    output_dir = Path(training_args.output_dir)
+    if not (training_args.do_train and output_dir.is_dir()) or training_args.overwrite_output_dir:
+        return None
+    checkpoint = get_last_checkpoint(str(output_dir))
+    if checkpoint is None and any(output_dir.iterdir()):
+        raise ValueError(
+            f"Output directory ({output_dir}) already exists and is not empty. "
+            "To fix: pass `--overwrite_output_dir`, or choose another `--output_dir`."
+        )
+    if checkpoint is not None and training_args.resume_from_checkpoint is None:
+        logger.info("Checkpoint detected, resuming training at %s.", checkpoint)
+    return checkpoint
+
+
+def load_raw_datasets(data_args, model_args, splits=("train", "validation", "test")) -> datasets.DatasetDict:
+    """A Hub data set (`--dataset_name`) or local csv/json files (`--train_file` ...), checked before use."""
+    if getattr(data_args, "dataset_name", None):
+        return datasets.load_dataset(
+            data_args.dataset_name, getattr(data_args, "dataset_config_name", None),
+            cache_dir=model_args.cache_dir, token=model_args.token, trust_remote_code=model_args.trust_remote_code,
+        )
+    data_files = {split: getattr(data_args, f"{split}_file") for split in splits if getattr(data_args, f"{split}_file")}
+    extensions = set()
+    for split, path in data_files.items():
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"`--{split}_file` {path} does not exist or is not a file.")
+        if not os.access(path, os.R_OK):
+            raise ValueError(f"`--{split}_file` {path} cannot be read: check its permissions.")
+        if Path(path).stat().st_size == 0:
+            raise ValueError(f"`--{split}_file` {path} is empty.")
+        extensions.add(Path(path).suffix.lstrip("."))
+    if len(extensions) != 1 or extensions - {"csv", "json", "jsonl"}:
+        raise ValueError(f"Data files must all be csv or all json/jsonl, got {', '.join(sorted(extensions))}.")
+    extension = extensions.pop().replace("jsonl", "json")
+    try:
+        raw = datasets.load_dataset(extension, data_files=data_files, cache_dir=model_args.cache_dir)
+    except (datasets.exceptions.DatasetGenerationError, ValueError) as error:
+        cause = error.__cause__ or error
+        raise ValueError(f"Could not read the {extension} data files: {str(cause).splitlines()[0]}") from error
+    for split, dataset in raw.items():
+        if len(dataset) == 0:
+            raise ValueError(f"`--{split}_file` {data_files[split]} has no rows.")
+    return raw
+
+
+def cap(dataset, max_samples: int | None):
+    """The first `max_samples` rows (all when None), for quick runs."""
+    return dataset if max_samples is None else dataset.select(range(min(max_samples, len(dataset))))
+
+
+def load_config(model_args, **config_kwargs):
+    name = model_args.config_name or model_args.model_name_or_path
+    return AutoConfig.from_pretrained(name, **config_kwargs, **model_args.hub_kwargs())
+
+
+def load_tokenizer(model_args, texts, **tokenizer_kwargs):
+    """The model's (or `--tokenizer_name`'s) tokenizer, or with `--train_tokenizer` a WordPiece one built from
+    `texts`, an iterable of strings (no download needed)."""
+    if model_args.train_tokenizer:
+        return train_wordpiece_tokenizer(texts, model_args.tokenizer_vocab_size)
+    name = model_args.tokenizer_name or model_args.model_name_or_path
+    return AutoTokenizer.from_pretrained(name, **tokenizer_kwargs, **model_args.hub_kwargs())
+
+
+def train_wordpiece_tokenizer(texts, vocab_size: int) -> PreTrainedTokenizerFast:
+    """A BERT-style uncased WordPiece tokenizer learnt from `texts`."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special))
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+    )
+
+
+def load_model(model_class, model_args, config):
+    """The pretrained model, or a new one from `config` when no `--model_name_or_path` is given."""
+    if model_args.model_name_or_path is None:
+        logger.info("Training a new %s from scratch.", model_class.__name__)
+        return model_class.from_config(config)
+    return model_class.from_pretrained(
+        model_args.model_name_or_path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+        **model_args.hub_kwargs(),
+    )
+
+
+def train(trainer, training_args, checkpoint: str | None, train_samples: int) -> None:
+    """Train (resuming where asked), save model and tokenizer, and record the train metrics."""
+    resume = training_args.resume_from_checkpoint or checkpoint
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    metrics = dict(result.metrics, train_samples=train_samples)
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+
+
+def evaluate(trainer, eval_datasets: dict, metric_prefix="eval") -> dict:
+    """Evaluate each data set, keyed by the suffix of its metric names ("" for none, "mm" for MNLI mismatched)."""
+    all_metrics = {}
+    for suffix, dataset in eval_datasets.items():
+        metrics = trainer.evaluate(eval_dataset=dataset)
+        metrics[f"{metric_prefix}_samples"] = len(dataset)
+        if suffix:
+            metrics = {f"{key}_{suffix}": value for key, value in metrics.items()}
+        all_metrics.update(metrics)
+    trainer.log_metrics(metric_prefix, all_metrics)
+    trainer.save_metrics(metric_prefix, all_metrics)
+    return all_metrics

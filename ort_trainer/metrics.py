@@ -1,0 +1,27 @@
+"""Task metrics computed locally, with the formulas of the Hub's `evaluate` metric scripts (which `evaluate.load`
+would download): GLUE's accuracy, F1, Matthews correlation, Pearson and Spearman correlations, and MSE."""
+
+import numpy as np
+
+GLUE_TASKS = ("cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb", "wnli")
+
+
+def glue_metrics(task_name: str | None, predictions: np.ndarray, references: np.ndarray) -> dict:
+    """GLUE's metrics for `task_name`; for other data, accuracy (classification) or mean squared error
+    (regression, when `predictions` are floats)."""
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import f1_score, matthews_corrcoef
+
+    if task_name == "cola":
+        return {"matthews_correlation": float(matthews_corrcoef(references, predictions))}
+    if task_name == "stsb":
+        return {
+            "pearson": float(pearsonr(predictions, references)[0]),
+            "spearmanr": float(spearmanr(predictions, references)[0]),
+        }
+    if np.issubdtype(np.asarray(predictions).dtype, np.floating):
+        return {"mse": float(((predictions - references) ** 2).mean())}
+    accuracy = {"accuracy": float((predictions == references).mean())}
+    if task_name in ("mrpc", "qqp"):
+        return accuracy | {"f1": float(f1_score(y_true=references, y_pred=predictions))}
+    return accuracy
