@@ -2,6 +2,7 @@
 run batches of any size and length. Works with every ONNX Runtime build (plain, -gpu, -training)."""
 
 import hashlib
+import inspect
 import json
 import logging
 from dataclasses import dataclass
@@ -82,7 +83,9 @@ def fingerprint(model: torch.nn.Module) -> str:
 def export_onnx(model: torch.nn.Module, sample_inputs: dict, path: Path) -> Path:
     """Export `model`'s inference graph with dynamic batch and sequence axes (TorchScript exporter, opset 17)."""
     outputs = TASK_OUTPUTS[model_task(model)]
-    input_names = list(sample_inputs)
+    # The exporter names graph inputs in the order of `forward`'s parameters, whatever the dict's order.
+    parameters = list(inspect.signature(model.forward).parameters)
+    input_names = sorted(sample_inputs, key=parameters.index)
     dynamic_axes = {name: {0: "batch", 1: "sequence"} for name in input_names} | outputs
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training

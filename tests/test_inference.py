@@ -27,7 +27,8 @@ def padded_rows(size, token_labels=False, seed=1):
             labels = torch.where(mask.bool(), ids % 3, torch.full_like(ids, -100))
         else:
             labels = torch.tensor(int(ids[0]) % 2)
-        rows.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+        # token_type_ids first: the graph's inputs must follow `forward`'s order, not the batch's.
+        rows.append({"token_type_ids": torch.zeros_like(ids), "input_ids": ids, "attention_mask": mask, "labels": labels})
     return rows
 
 
