@@ -42,21 +42,6 @@ def model_task(model: torch.nn.Module) -> str:
     )
 
 
-def trim_padding(inputs: dict) -> dict:
-    """Drop the trailing columns that are padding in every row. Masked positions do not change the others, so the
-    results stay equal while the work shrinks to the longest real sequence (ORT's own padding removal is CUDA-only)."""
-    mask = inputs.get("attention_mask")
-    if mask is None or mask.dim() != 2:
-        return inputs
-    length = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
-    if length == mask.shape[1]:
-        return inputs
-    return {
-        name: value[:, :length] if value.dim() >= 2 and value.shape[1] == mask.shape[1] else value
-        for name, value in inputs.items()
-    }
-
-
 def task_loss(model: torch.nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The loss the model's own forward computes from these logits, with transformers' loss functions."""
     from transformers.loss.loss_utils import ForSequenceClassificationLoss, ForTokenClassification
@@ -99,7 +84,7 @@ def export_onnx(model: torch.nn.Module, sample_inputs: dict, path: Path) -> Path
     except Exception as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ONNXExportError(
-            f"Could not export {type(model).__name__} to ONNX for `--inference_with_ort`: {first_line} "
+            f"Could not export {type(model).__name__} to ONNX for `--inference_with_ort`: {first_line.rstrip('.')}. "
             "To fix: evaluate in PyTorch (drop `--inference_with_ort`)."
         ) from error
     finally:
@@ -210,7 +195,12 @@ def load_onnx_model(model: torch.nn.Module, sample_inputs: dict, directory: Path
     provider = select_provider(device, onnxruntime_providers())
     directory = Path(directory)
     path, stamp_path = directory / "model.onnx", directory / "model.json"
-    stamp = {"fingerprint": fingerprint(model), "inputs": sorted(sample_inputs), "provider": provider, "opset": OPSET}
+    from . import __version__
+
+    stamp = {
+        "fingerprint": fingerprint(model), "inputs": sorted(sample_inputs), "provider": provider, "opset": OPSET,
+        "torch": torch.__version__, "ort_trainer": __version__,
+    }
     current = path.exists() and stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp
     optimized_path = directory / "model_optimized.onnx"
     if not current:

@@ -10,6 +10,7 @@ Only hooks are overridden, each around a `super()` call (checked against transfo
 """
 
 import contextlib
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -18,7 +19,6 @@ import torch
 from transformers import PreTrainedModel, Seq2SeqTrainer, Trainer, TrainingArguments
 
 from . import onnx, ortmodule
-from .onnx import trim_padding
 from .training_args import ORT_FUSED_ADAM, ORTSeq2SeqTrainingArguments, ORTTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,28 @@ def _prepared_for_ort_training(model: torch.nn.Module):
     finally:
         if attention != "eager":
             model.set_attn_implementation(attention)
+
+
+SEQUENCE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+def trim_padding(inputs: dict, labels_too: bool = False) -> dict:
+    """Drop the trailing columns that are padding in every row of the batch. Padded positions are masked out of
+    attention and their labels ignored, so results stay equal while the work shrinks to the longest real sequence
+    (ONNX Runtime's own padding elimination exists only in its CUDA build). Left padding is kept, since absolute
+    positions would move. `labels_too` trims per-token labels as well."""
+    mask = inputs.get("attention_mask")
+    if not torch.is_tensor(mask) or mask.dim() != 2 or not mask.any():
+        return inputs
+    width = mask.shape[1]
+    length = int(mask.any(0).nonzero().max()) + 1
+    if length == width:
+        return inputs
+    names = SEQUENCE_INPUTS + (("labels",) if labels_too else ())
+    return {
+        name: value[:, :length] if name in names and torch.is_tensor(value) and value.dim() >= 2 and value.shape[1] == width else value
+        for name, value in inputs.items()
+    }
 
 
 def _as_ort_arguments(args: TrainingArguments | None, args_class: type) -> TrainingArguments:
@@ -166,6 +188,9 @@ class ORTTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self._pytorch_fallback is not None:
             model = self._pytorch_fallback  # the training loop still holds the ORTModule it was given
+        elif self.args.use_ort and self._can_trim_padding():
+            # Encoder-decoder labels are target tokens, not aligned with the input: never trimmed.
+            inputs = trim_padding(inputs, labels_too=not self.model.config.is_encoder_decoder)
         if self._backend_reported:
             return super().training_step(model, inputs, num_items_in_batch)
         # The first step exports and builds the ORT graph: say plainly what failed, and which backend runs.
@@ -209,7 +234,7 @@ class ORTTrainer(Trainer):
         return super().evaluation_loop(dataloader, *args, **kwargs)
 
     def _load_onnx_model(self, dataloader) -> onnx.ONNXModel:
-        sample = trim_padding(self._model_inputs(self._prepare_inputs(next(iter(dataloader)))))
+        sample = self._inference_inputs(self._prepare_inputs(next(iter(dataloader))))
         # One rank exports (or reuses a current export); the others then load what it wrote.
         with self.args.main_process_first(desc="ONNX export"):
             onnx_model = onnx.load_onnx_model(self.model, sample, Path(self.args.output_dir) / "onnx")
@@ -221,17 +246,32 @@ class ORTTrainer(Trainer):
             self._onnx_model_logged = onnx_model
         return onnx_model
 
-    def _model_inputs(self, inputs: dict) -> dict:
-        return {name: value for name, value in inputs.items() if name not in self.label_names and torch.is_tensor(value)}
+    def _can_trim_padding(self) -> bool:
+        """Only transformers models that mask padding out of attention give equal results on trimmed batches."""
+        return (
+            self.args.ort_trim_padding
+            and isinstance(self.model, PreTrainedModel)
+            and "attention_mask" in self._forward_parameters()
+        )
+
+    def _forward_parameters(self) -> list:
+        return list(inspect.signature(self.model.forward).parameters)
+
+    def _inference_inputs(self, inputs: dict) -> dict:
+        accepted = self._forward_parameters()
+        model_inputs = {
+            name: value for name, value in inputs.items()
+            if name in accepted and name not in self.label_names and torch.is_tensor(value)
+        }
+        return trim_padding(model_inputs) if self._can_trim_padding() else model_inputs
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         if not self.args.inference_with_ort:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)
-        model_inputs = self._model_inputs(inputs)
-        logits = self._onnx_model(trim_padding(model_inputs))["logits"]
+        logits = self._onnx_model(self._inference_inputs(inputs))["logits"]
         if logits.dim() == 3:  # token classification: back to the batch's padded length, for the labels
-            logits = torch.nn.functional.pad(logits, (0, 0, 0, model_inputs["input_ids"].shape[1] - logits.shape[1]))
+            logits = torch.nn.functional.pad(logits, (0, 0, 0, inputs["input_ids"].shape[1] - logits.shape[1]))
         labels = inputs.get("labels")
         loss = onnx.task_loss(self.model, logits, labels) if labels is not None else None
         return loss, None if prediction_loss_only else logits, labels

@@ -59,6 +59,14 @@ class ORTTrainingArguments(TrainingArguments):
         default="WARNING",
         metadata={"help": "Log level of ONNX Runtime training.", "choices": list(ORT_LOG_LEVELS)},
     )
+    ort_trim_padding: bool = field(
+        default=True,
+        metadata={
+            "help": "Before each ORT training step and ORT inference batch, drop the columns that are padding in every "
+            "row (trailing, masked, labels ignored), so batches padded to `max_seq_length` cost only their longest "
+            "real sequence. Results stay equal. Applies to transformers models."
+        },
+    )
     inference_with_ort: bool = field(
         default=False,
         metadata={
