@@ -14,8 +14,8 @@ setup(
     install_requires=["torch>=2.5", "transformers>=5,<6", "accelerate>=1.0", "numpy", "packaging", "coloredlogs"],
     extras_require={
         # Pick one ONNX Runtime build: they all install the `onnxruntime` module and conflict with each other.
-        "training-cpu": ["onnxruntime-training-cpu==1.19.2"],
-        "training-gpu": ["onnxruntime-training==1.19.2"],  # CUDA 11.8, Python <= 3.11
+        "training-cpu": ["onnxruntime-training-cpu==1.19.2", "ninja"],  # ninja builds ORT's C++ extension
+        "training-gpu": ["onnxruntime-training==1.19.2", "ninja"],  # CUDA 11.8, Python <= 3.11
         "inference": ["onnxruntime>=1.17"],
         "inference-gpu": ["onnxruntime-gpu>=1.17"],
         "examples": EXAMPLES,

@@ -92,13 +92,19 @@ def _build_aten_op_executor():
             name="aten_op_executor", sources=[str(source)], build_directory=str(build_dir), verbose=False
         )
     except Exception as error:  # compiler missing, or torch headers it cannot build against
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ORTTrainingUnavailableError(
-            f"Could not compile ONNX Runtime's aten_op_executor extension in {build_dir}: {first_line}. "
+            f"Could not compile ONNX Runtime's aten_op_executor extension in {build_dir}: {_build_failure(error)}. "
             "To fix: install a C++ compiler and Python headers (e.g. `apt-get install g++ python3-dev`), "
             "or train with `--use_ort False`."
         ) from error
     sys.modules[f"{_ORT_EXTENSIONS}.aten_op_executor"] = extension
+
+
+def _build_failure(error: Exception) -> str:
+    """The line of a compiler log that says what went wrong (`c++: not found`, `fatal error: Python.h ...`)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    telling = [line for line in lines if "error:" in line.lower() or "not found" in line.lower()]
+    return (telling or lines)[0][:300]
 
 
 def _stub_torch_interop_utils():

@@ -129,3 +129,65 @@ def test_missing_ort_training_build_is_named_with_the_fix(monkeypatch, tmp_path,
         "or pass `--use_ort False` to train with PyTorch."
     )
     assert not (tmp_path / "out").exists()
+
+
+def fake_glue(task):
+    """A few rows in the layout of the Hub's GLUE task (the Hub is not reachable from the tests)."""
+    import datasets
+
+    columns = {"cola": ("sentence",), "stsb": ("sentence1", "sentence2"), "mrpc": ("sentence1", "sentence2"),
+               "mnli": ("premise", "hypothesis")}[task]
+    names = {"cola": ["unacceptable", "acceptable"], "mrpc": ["not_equivalent", "equivalent"],
+             "mnli": ["entailment", "neutral", "contradiction"]}.get(task)
+    label = datasets.Value("float32") if task == "stsb" else datasets.ClassLabel(names=names)
+    features = datasets.Features({**{column: datasets.Value("string") for column in columns}, "label": label, "idx": datasets.Value("int32")})
+    words = "the film was good bad not great boring and but although it".split()
+
+    def split(size, seed, test=False):
+        import random
+
+        rng = random.Random(seed)
+        rows = {column: [" ".join(rng.choices(words, k=rng.randint(2, 9))) for _ in range(size)] for column in columns}
+        if task == "stsb":
+            rows["label"] = [-1.0 if test else rng.uniform(0, 5) for _ in range(size)]
+        else:
+            rows["label"] = [-1 if test else rng.randrange(len(names)) for _ in range(size)]
+        rows["idx"] = list(range(size))
+        return datasets.Dataset.from_dict(rows, features=features)
+
+    suffixes = ["_matched", "_mismatched"] if task == "mnli" else [""]
+    splits = {"train": split(40, 0)}
+    for index, suffix in enumerate(suffixes):
+        splits[f"validation{suffix}"] = split(21, 1 + index)
+        splits[f"test{suffix}"] = split(11, 3 + index, test=True)
+    return datasets.DatasetDict(splits)
+
+
+@pytest.mark.parametrize(
+    "task, metrics",
+    [("cola", ["eval_matthews_correlation"]), ("stsb", ["eval_pearson", "eval_spearmanr"]),
+     ("mrpc", ["eval_accuracy", "eval_f1"]), ("mnli", ["eval_accuracy", "eval_accuracy_mm"])],
+)
+def test_glue_tasks_metrics_and_predictions_with_dynamic_padding(task, metrics, monkeypatch, tmp_path):
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config, **kwargs: fake_glue(config))
+    task_args = ["--task_name", task, "--do_eval", "--do_predict", "--pad_to_max_length", "False", "--use_ort", "False",
+                 "--per_device_eval_batch_size", "8"]
+    run_glue(monkeypatch, "--config_name", MODEL_CONFIG, "--train_tokenizer", "--do_train", "--max_steps", "3",
+             *task_args, *common(tmp_path / "pytorch"))
+    # The trained model again, evaluated and predicted in ONNX Runtime (batches of varying length, a partial last one).
+    run_glue(monkeypatch, "--model_name_or_path", tmp_path / "pytorch", "--inference_with_ort", *task_args,
+             *common(tmp_path / "ort"))
+    results = {backend: json.loads((tmp_path / backend / "eval_results.json").read_text()) for backend in ("pytorch", "ort")}
+    for suffix in ["", "_mm"] if task == "mnli" else [""]:
+        name = f"predict_results_{task}{suffix}.txt"
+        pytorch_lines, ort_lines = ((tmp_path / backend / name).read_text().splitlines() for backend in ("pytorch", "ort"))
+        assert len(ort_lines) == 12 and ort_lines[0] == "index\tprediction"
+        if task != "stsb":
+            assert ort_lines == pytorch_lines
+    for metric in metrics:
+        if task == "stsb":  # correlations of float predictions that differ by float rounding (~1e-6)
+            assert results["ort"][metric] == pytest.approx(results["pytorch"][metric], abs=1e-4), metric
+        else:
+            assert results["ort"][metric] == results["pytorch"][metric], metric

@@ -221,3 +221,19 @@ def test_torch_onnx_export_keeps_torch_defaults_after_ort_training(tmp_path):
     import onnx
 
     assert {node.domain for node in onnx.load(path).graph.node} == {""}
+
+
+def test_failed_extension_build_says_why_and_what_to_install(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    environment = {**os.environ, "ORT_TRAINER_CACHE": str(tmp_path), "CXX": "/nonexistent/c++"}
+    result = subprocess.run(
+        [sys.executable, "-c", "from ort_trainer.ortmodule import load_ortmodule; load_ortmodule()"],
+        env=environment, capture_output=True, text=True,
+    )
+    assert result.returncode == 1
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("ort_trainer.ortmodule.ORTTrainingUnavailableError: Could not compile ONNX Runtime's aten_op_executor extension in ")
+    assert "/nonexistent/c++: not found. To fix: install a C++ compiler and Python headers" in last_line
