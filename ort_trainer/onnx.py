@@ -166,12 +166,13 @@ def _numpy_type(dtype: torch.dtype):
     return {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32, torch.float16: np.float16}[dtype]
 
 
-def _optimize(path: Path, model: torch.nn.Module, provider: str):
-    """Fuse attention, layer norm and GELU with ORT's transformer optimizer, for the architectures it knows."""
+def _optimize(path: Path, model: torch.nn.Module, provider: str) -> bool:
+    """Fuse attention, layer norm and GELU with ORT's transformer optimizer, for the architectures it knows.
+    Returns whether it wrote `model_optimized.onnx`."""
     config = getattr(model, "config", None)
     model_type = OPTIMIZER_MODEL_TYPES.get(getattr(config, "model_type", None))
     if model_type is None:
-        return
+        return False
     from onnxruntime.transformers.optimizer import optimize_model
 
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_heads", 0)
@@ -181,6 +182,7 @@ def _optimize(path: Path, model: torch.nn.Module, provider: str):
         use_gpu=provider == "CUDAExecutionProvider", opt_level=0,
     )
     optimized.save_model_to_file(str(path.with_name("model_optimized.onnx")))
+    return True
 
 
 def _same_outputs(first: ONNXModel, second: ONNXModel, inputs: dict, atol: float = 1e-4) -> bool:
@@ -189,32 +191,38 @@ def _same_outputs(first: ONNXModel, second: ONNXModel, inputs: dict, atol: float
 
 
 def load_onnx_model(model: torch.nn.Module, sample_inputs: dict, directory: Path, optimize: bool = True) -> ONNXModel:
-    """The ONNX Runtime counterpart of `model`: exported into `directory` (reused while the weights and config are
-    unchanged), optimised when the optimised graph gives the same outputs on `sample_inputs`, in a session."""
+    """The ONNX Runtime counterpart of `model`, in a session: exported into `directory` (reused while the weights
+    and config are unchanged), and optimised when the optimised graph gives the same outputs on `sample_inputs`."""
+    from . import __version__
+
     device = next(model.parameters()).device
     provider = select_provider(device, onnxruntime_providers())
     directory = Path(directory)
-    path, stamp_path = directory / "model.onnx", directory / "model.json"
-    from . import __version__
-
-    stamp = {
+    stamp_path = directory / "model.json"
+    key = {
         "fingerprint": fingerprint(model), "inputs": sorted(sample_inputs), "provider": provider, "opset": OPSET,
-        "torch": torch.__version__, "ort_trainer": __version__,
+        "optimize": optimize, "torch": torch.__version__, "ort_trainer": __version__,
     }
-    current = path.exists() and stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp
-    optimized_path = directory / "model_optimized.onnx"
-    if not current:
-        optimized_path.unlink(missing_ok=True)
-        export_onnx(model, sample_inputs, path)
-        if optimize:
-            _optimize(path, model, provider)
+    stamp = json.loads(stamp_path.read_text()) if stamp_path.exists() else {}
+    if stamp.get("key") != key or not (directory / stamp.get("graph", "")).is_file():
+        stamp = {"key": key, "graph": _export_and_choose_graph(model, sample_inputs, directory, provider, optimize)}
         stamp_path.write_text(json.dumps(stamp))
+    path = directory / stamp["graph"]
+    optimization = "transformer fusions" if path.name == "model_optimized.onnx" else "none"
+    return ONNXModel(create_inference_session(path, provider, device), path, provider, device, optimization)
+
+
+def _export_and_choose_graph(model, sample_inputs, directory: Path, provider: str, optimize: bool) -> str:
+    """Export, then keep the optimised graph only if it gives the exported graph's outputs."""
+    device = next(model.parameters()).device
+    path, optimized_path = directory / "model.onnx", directory / "model_optimized.onnx"
+    optimized_path.unlink(missing_ok=True)
+    export_onnx(model, sample_inputs, path)
+    if not (optimize and _optimize(path, model, provider)):
+        return path.name
     plain = ONNXModel(create_inference_session(path, provider, device), path, provider, device, "none")
-    if not optimize or not optimized_path.exists():
-        return plain
-    fused = ONNXModel(create_inference_session(optimized_path, provider, device), optimized_path, provider, device,
-                      "transformer fusions")
+    fused = ONNXModel(create_inference_session(optimized_path, provider, device), optimized_path, provider, device, "")
     if _same_outputs(plain, fused, sample_inputs):
-        return fused
+        return optimized_path.name
     logger.warning("ORT's transformer optimizer changed this model's outputs; evaluating the unfused graph.")
-    return plain
+    return path.name

@@ -135,7 +135,7 @@ class ORTTrainer(Trainer):
         self._backend_reported = False
         self._pytorch_fallback = None  # the model trained in PyTorch after ORT failed, with `--ort_fallback pytorch`
         self._fallback_reason = ""
-        self._onnx_model = self._onnx_model_logged = None  # the InferenceSession of `--inference_with_ort`
+        self._onnx_model, self._onnx_weights = None, None  # `--inference_with_ort`'s session, for these weights
 
     def train(self, *args, **kwargs):
         if not self.args.use_ort:
@@ -234,16 +234,19 @@ class ORTTrainer(Trainer):
         return super().evaluation_loop(dataloader, *args, **kwargs)
 
     def _load_onnx_model(self, dataloader) -> onnx.ONNXModel:
+        # Parameters change in place, which bumps their version counters: equal counters, same weights.
+        weights = tuple((tensor.data_ptr(), tensor._version) for tensor in self.model.state_dict().values())
+        if self._onnx_model is not None and weights == self._onnx_weights:
+            return self._onnx_model
+        self._onnx_weights = weights
         sample = self._inference_inputs(self._prepare_inputs(next(iter(dataloader))))
         # One rank exports (or reuses a current export); the others then load what it wrote.
         with self.args.main_process_first(desc="ONNX export"):
             onnx_model = onnx.load_onnx_model(self.model, sample, Path(self.args.output_dir) / "onnx")
-        if onnx_model is not self._onnx_model_logged:
-            logger.info(
-                "Evaluation backend: ONNX Runtime on %s (%s, optimisation: %s).",
-                onnx_model.provider, onnx_model.path, onnx_model.optimization,
-            )
-            self._onnx_model_logged = onnx_model
+        logger.info(
+            "Evaluation backend: ONNX Runtime on %s (%s, optimisation: %s).",
+            onnx_model.provider, onnx_model.path, onnx_model.optimization,
+        )
         return onnx_model
 
     def _can_trim_padding(self) -> bool:
