@@ -183,16 +183,17 @@ def load_config(model_args, **config_kwargs):
     return AutoConfig.from_pretrained(name, **config_kwargs, **model_args.hub_kwargs())
 
 
-def load_tokenizer(model_args, texts, **tokenizer_kwargs):
+def load_tokenizer(model_args, texts, config, **tokenizer_kwargs):
     """The model's (or `--tokenizer_name`'s) tokenizer, or with `--train_tokenizer` a WordPiece one built from
-    `texts`, an iterable of strings (no download needed)."""
+    `texts`, an iterable of strings (no download needed), for inputs as long as `config` allows."""
     if model_args.train_tokenizer:
-        return train_wordpiece_tokenizer(texts, model_args.tokenizer_vocab_size)
+        max_length = getattr(config, "max_position_embeddings", None) or 512
+        return train_wordpiece_tokenizer(texts, model_args.tokenizer_vocab_size, max_length)
     name = model_args.tokenizer_name or model_args.model_name_or_path
     return AutoTokenizer.from_pretrained(name, **tokenizer_kwargs, **model_args.hub_kwargs())
 
 
-def train_wordpiece_tokenizer(texts, vocab_size: int) -> PreTrainedTokenizerFast:
+def train_wordpiece_tokenizer(texts, vocab_size: int, model_max_length: int) -> PreTrainedTokenizerFast:
     """A BERT-style uncased WordPiece tokenizer learnt from `texts`."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
@@ -209,6 +210,7 @@ def train_wordpiece_tokenizer(texts, vocab_size: int) -> PreTrainedTokenizerFast
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
         mask_token="[MASK]", model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+        model_max_length=model_max_length,
     )
 
 

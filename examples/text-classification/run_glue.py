@@ -110,7 +110,7 @@ def main():
     config = utils.load_config(model_args, num_labels=num_labels, finetuning_task=data_args.task_name)
     sentence1_key, sentence2_key = text_columns(data_args.task_name, raw_datasets[labelled_split].column_names)
     training_texts = (text for key in (sentence1_key, sentence2_key) if key for text in raw_datasets[labelled_split][key])
-    tokenizer = utils.load_tokenizer(model_args, training_texts)
+    tokenizer = utils.load_tokenizer(model_args, training_texts, config)
     if model_args.model_name_or_path is None:
         config.vocab_size, config.pad_token_id = len(tokenizer), tokenizer.pad_token_id
     model = utils.load_model(AutoModelForSequenceClassification, model_args, config)

@@ -135,7 +135,7 @@ def main():
         label2id=label_to_id, id2label=dict(enumerate(label_list)),
     )
     words = (" ".join(row) for row in raw_datasets[labelled_split][text_column])
-    tokenizer = utils.load_tokenizer(model_args, words, add_prefix_space=config.model_type in {"roberta", "gpt2", "bloom"})
+    tokenizer = utils.load_tokenizer(model_args, words, config, add_prefix_space=config.model_type in {"roberta", "gpt2", "bloom"})
     if not tokenizer.is_fast:
         raise ValueError(
             f"run_ner.py aligns labels with a fast tokenizer's word ids, and {type(tokenizer).__name__} is slow. "
