@@ -1,0 +1,95 @@
+"""torchrun with ORT on CPU (gloo): DDP around the ORTModule, the same results as one process, two "nodes" on
+one machine, and a rank that dies."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent / "distributed_train.py"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(*args, nproc=2, timeout=240):
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", str(SCRIPT), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+def result(output_dir):
+    return json.loads((Path(output_dir) / "result.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One process with batch 8, and two with batch 4 each: the same global batch and seed."""
+    folder = tmp_path_factory.mktemp("distributed")
+    single = subprocess.run([sys.executable, str(SCRIPT), str(folder / "single"), "8"], capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = torchrun(folder / "double", 4)
+    assert double.returncode == 0, double.stderr[-3000:]
+    return folder, result(folder / "single"), result(folder / "double")
+
+
+def assert_same_weights(first, second, atol):
+    for name in first["weights"]:
+        np.testing.assert_allclose(first["weights"][name], second["weights"][name], atol=atol, rtol=0)
+
+
+def test_two_ranks_match_one_process(runs):
+    _, single, double = runs
+    assert (double["world_size"], double["wrapper"], double["inner"], double["backend"]) == (
+        2, "DistributedDataParallel", "ORTModule", "onnxruntime"
+    )
+    # transformers logs the loss of models that take loss kwargs scaled by the number of processes.
+    np.testing.assert_allclose(np.array(double["losses"]) / 2, single["losses"], atol=1e-4, rtol=0)
+    assert_same_weights(double, single, atol=1e-4)
+    # Evaluation (ONNX Runtime inference on each rank's shard, gathered) gives the single process's metrics.
+    assert double["metrics"]["eval_accuracy"] == single["metrics"]["eval_accuracy"]
+    assert double["metrics"]["eval_loss"] == pytest.approx(single["metrics"]["eval_loss"], abs=1e-5)
+
+
+def test_two_nodes_on_one_machine(runs):
+    folder, _, double = runs
+    port = free_port()
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}",
+             "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=ort-test", str(SCRIPT),
+             str(folder / "nodes"), "4"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for rank in (0, 1)
+    ]
+    for node in nodes:
+        _, stderr = node.communicate(timeout=240)
+        assert node.returncode == 0, stderr[-3000:]
+    nodes_result = result(folder / "nodes")
+    assert nodes_result["world_size"] == 2 and nodes_result["backend"] == "onnxruntime"
+    np.testing.assert_allclose(nodes_result["losses"], double["losses"], atol=1e-6, rtol=0)
+    assert_same_weights(nodes_result, double, atol=1e-6)
+
+
+def test_a_dead_rank_stops_the_run_and_the_checkpoint_resumes(runs):
+    folder, _, double = runs
+    start = time.monotonic()
+    killed = torchrun(folder / "killed", 4, 1, 6)  # rank 1 exits at step 6; checkpoint-4 is already saved
+    assert time.monotonic() - start < 180
+    assert killed.returncode != 0
+    assert "exitcode  : 17" in killed.stderr  # torchrun names the failed rank and its exit code
+    checkpoint = folder / "killed" / "checkpoint-4"
+    assert (checkpoint / "model.safetensors").exists() and (checkpoint / "trainer_state.json").exists()
+
+    resumed = torchrun(folder / "killed", 4, 1, 0, checkpoint)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_weights(result(folder / "killed"), double, atol=1e-5)
