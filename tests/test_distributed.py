@@ -93,3 +93,26 @@ def test_a_dead_rank_stops_the_run_and_the_checkpoint_resumes(runs):
     resumed = torchrun(folder / "killed", 4, 1, 0, checkpoint)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_weights(result(folder / "killed"), double, atol=1e-5)
+
+
+@pytest.mark.parametrize("task", ["text-classification", "token-classification"])
+def test_example_scripts_run_unchanged_under_torchrun(task, tmp_path):
+    root = SCRIPT.parents[1] / "examples" / task
+    script, data, suffix = {
+        "text-classification": (root / "run_glue.py", root / "data" / "sentiment", "csv"),
+        "token-classification": (root / "run_ner.py", root / "data" / "ner", "json"),
+    }[task]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", str(script),
+        "--config_name", root / "demo" / "bert-mini.json", "--train_tokenizer", "--train_file", data / f"train.{suffix}",
+        "--validation_file", data / f"validation.{suffix}", "--do_train", "--do_eval", "--inference_with_ort",
+        "--max_train_samples", "256", "--max_eval_samples", "100", "--max_steps", "4", "--max_seq_length", "48",
+        "--output_dir", tmp_path, "--report_to", "none", "--use_cpu", "--ort_fallback", "error", "--save_strategy", "no",
+    ]
+    run = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "distributed: True" in run.stdout + run.stderr
+    assert "Training backend: onnxruntime on cpu" in run.stdout + run.stderr
+    results = json.loads((tmp_path / "eval_results.json").read_text())
+    assert results["eval_samples"] == 100
+    assert (tmp_path / "onnx" / "model.json").exists() and (tmp_path / "model.safetensors").exists()

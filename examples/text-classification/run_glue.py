@@ -103,7 +103,8 @@ def main():
         label_list = None if is_regression else label_feature.names
     else:
         is_regression = label_feature.dtype in ("float32", "float64")
-        label_list = None if is_regression else sorted(raw_datasets[labelled_split].unique("label"))
+        # Label names are strings in a config (transformers validates label2id's keys as such).
+        label_list = None if is_regression else [str(label) for label in sorted(raw_datasets[labelled_split].unique("label"))]
     num_labels = 1 if is_regression else len(label_list)
 
     # Model and tokenizer.
@@ -121,10 +122,10 @@ def main():
 
     # Preprocessing.
     if "test" in raw_datasets and data_args.task_name is None and "label" in raw_datasets["test"].column_names:
-        unseen = set(raw_datasets["test"].unique("label")) - set(label_to_id or {}) - {-1}
+        unseen = set(map(str, raw_datasets["test"].unique("label"))) - set(label_to_id or {}) - {"-1"}
         if unseen and not is_regression:
             raise ValueError(
-                f"`--test_file` has labels never seen in training: {', '.join(map(str, sorted(unseen)))}."
+                f"`--test_file` has labels never seen in training: {', '.join(sorted(unseen))}."
             )
     max_seq_length = min(data_args.max_seq_length, tokenizer.model_max_length)
     padding = "max_length" if data_args.pad_to_max_length else False
@@ -133,7 +134,7 @@ def main():
         texts = (examples[sentence1_key],) if sentence2_key is None else (examples[sentence1_key], examples[sentence2_key])
         result = tokenizer(*texts, padding=padding, max_length=max_seq_length, truncation=True)
         if label_to_id is not None and "label" in examples:
-            result["label"] = [label_to_id.get(label, -1) for label in examples["label"]]
+            result["label"] = [label_to_id.get(str(label), -1) for label in examples["label"]]
         return result
 
     with training_args.main_process_first(desc="dataset map pre-processing"):
