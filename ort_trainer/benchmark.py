@@ -1,0 +1,199 @@
+"""Benchmark ONNX Runtime against PyTorch on your model and machine, in one command.
+
+Runs an example script twice with the same arguments, once training and evaluating in PyTorch (`--use_ort False`)
+and once in ONNX Runtime (`--use_ort`, `--inference_with_ort`), then writes into `--output_dir`:
+`benchmark.md` (a runtime table and a gain table), `benchmark.json` (every figure) and `benchmark.png`.
+Each row names the backend that really ran, read from the trainer's log: a fallback shows as PyTorch.
+
+    python -m ort_trainer.benchmark --model bert-base --task text-classification --output_dir out/bench
+
+`--model` takes a published size (random weights, synthetic data: no download) or, with `--model_name_or_path`,
+a real checkpoint and your data files through `--script_args`.
+"""
+
+import argparse
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SCRIPTS = {
+    "text-classification": EXAMPLES / "text-classification" / "run_glue.py",
+    "token-classification": EXAMPLES / "token-classification" / "run_ner.py",
+}
+# The published sizes; dropout off so that both backends compute the same losses.
+ARCHITECTURES = {
+    "tiny": dict(model_type="bert", hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
+    "bert-base": dict(model_type="bert", hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "bert-large-cased": dict(model_type="bert", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    "roberta-base": dict(model_type="roberta", hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "roberta-large": dict(model_type="roberta", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+}
+BACKENDS = {"PyTorch": ["--use_ort", "False"], "ONNX Runtime": ["--use_ort", "True", "--inference_with_ort"]}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=list(SCRIPTS), default="text-classification")
+    parser.add_argument("--model", choices=list(ARCHITECTURES), default="bert-base")
+    parser.add_argument("--model_name_or_path", help="A real checkpoint instead of a random `--model`.")
+    parser.add_argument("--seq_length", type=int, default=128, help="Inputs are padded to this length.")
+    parser.add_argument("--real_tokens", type=int, default=20, help="Average words per synthetic sentence.")
+    parser.add_argument("--train_samples", type=int, default=256)
+    parser.add_argument("--eval_samples", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--eval_batch_size", type=int, default=32)
+    parser.add_argument("--max_steps", type=int, default=10)
+    parser.add_argument("--fp16", action="store_true")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--script_args", default="", help="More arguments for the example script, as one string.")
+    return parser.parse_args(argv)
+
+
+def write_synthetic_data(task: str, folder: Path, args) -> list:
+    """Sentences of about `real_tokens` words from a fixed vocabulary; labels from the words, so both backends
+    learn the same thing. Returns the script arguments that point at the files."""
+    rng = random.Random(0)
+    vocabulary = [f"w{index}" for index in range(500)]
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, size in (("train", args.train_samples), ("validation", args.eval_samples)):
+        rows = []
+        for _ in range(size):
+            words = rng.choices(vocabulary, k=max(1, int(rng.gauss(args.real_tokens, 4))))
+            if task == "text-classification":
+                rows.append({"sentence": " ".join(words), "label": int(words[0][1:]) % 2})
+            else:
+                rows.append({"tokens": words, "ner_tags": ["B-X" if int(word[1:]) % 5 == 0 else "O" for word in words]})
+        with open(folder / f"{split}.json", "w") as file:
+            file.writelines(json.dumps(row) + "\n" for row in rows)
+    return ["--train_file", folder / "train.json", "--validation_file", folder / "validation.json"]
+
+
+def model_arguments(args, folder: Path) -> list:
+    if args.model_name_or_path:
+        return ["--model_name_or_path", args.model_name_or_path]
+    config = dict(ARCHITECTURES[args.model], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                  max_position_embeddings=max(512, args.seq_length + 2), vocab_size=1000)
+    path = folder / "config.json"
+    path.write_text(json.dumps(config))
+    return ["--config_name", path, "--train_tokenizer"]
+
+
+def run_backend(script: Path, arguments: list, output_dir: Path) -> dict:
+    """Run the script; return its results, the backends its log names, and its peak memory."""
+    command = [sys.executable, str(script), *map(str, arguments), "--output_dir", str(output_dir)]
+    log_path = output_dir.with_suffix(".log")
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        _, status, usage = os.wait4(process.pid, 0)
+    log_text = log_path.read_text()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{script.name} failed, see {log_path}: {log_text.strip().splitlines()[-1]}")
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    history = state["log_history"]
+    return {
+        "training_backend": _logged(r"Training backend: ([^\n]*?)\.(?:\s|$)", log_text),
+        "evaluation_backend": _logged(r"Evaluation backend: (ONNX Runtime on \w+)", log_text) or "PyTorch",
+        "results": json.loads((output_dir / "all_results.json").read_text()),
+        "losses": [entry["loss"] for entry in history if "loss" in entry],
+        "first_step_seconds": next(entry["first_step_seconds"] for entry in history if "first_step_seconds" in entry),
+        "peak_memory_mb": usage.ru_maxrss / 1024,
+        "log": str(log_path),
+    }
+
+
+def _logged(pattern: str, text: str) -> str:
+    match = re.search(pattern, text)
+    return match.group(1).strip() if match else ""
+
+
+def gain(ort: float, pytorch: float, lower_is_better: bool) -> float:
+    return 100 * ((pytorch - ort) / pytorch if lower_is_better else (ort - pytorch) / pytorch)
+
+
+def markdown(report: dict) -> str:
+    name = report["model"]
+    rows = [
+        "| Model | Backend (trained with) | Runtime(s) | Train samples(/s) | First step(s) | Eval backend | Eval samples(/s) | Peak memory(MB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, run in report["runs"].items():
+        results = run["results"]
+        rows.append(
+            f"| {name} | {label} ({run['training_backend']}) | {results['train_runtime']:.1f} | "
+            f"{results['train_samples_per_second']:.2f} | {run['first_step_seconds']:.2f} | {run['evaluation_backend']} | "
+            f"{results['eval_samples_per_second']:.2f} | {run['peak_memory_mb']:.0f} |"
+        )
+    gains = report["gain"]
+    rows += [
+        "",
+        "| Model | Latency gain | Train throughput gain | Eval throughput gain | Max loss difference |",
+        "|---|---|---|---|---|",
+        f"| {name} | {gains['latency_percent']:.1f}% | {gains['train_throughput_percent']:.1f}% | "
+        f"{gains['eval_throughput_percent']:.1f}% | {gains['max_loss_difference']:.1e} |",
+    ]
+    return "\n".join(rows) + "\n"
+
+
+def plot(report: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(report["runs"])
+    figures = {
+        "Train samples/s": [run["results"]["train_samples_per_second"] for run in report["runs"].values()],
+        "Eval samples/s": [run["results"]["eval_samples_per_second"] for run in report["runs"].values()],
+    }
+    figure, axes = plt.subplots(1, len(figures), figsize=(9, 3.5))
+    for axis, (title, values) in zip(axes, figures.items()):
+        bars = axis.bar(labels, values, color=["#888888", "#2a6fdb"])
+        axis.bar_label(bars, fmt="%.1f")
+        axis.set_title(title)
+    figure.suptitle(f"{report['model']}, {report['task']}, batch {report['batch_size']}, length {report['seq_length']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    script = SCRIPTS[args.task]
+    if not script.is_file():
+        sys.exit(f"benchmark: error: {script} not found: run the benchmark from a checkout of the ort_trainer repository.")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    arguments = [
+        *model_arguments(args, output_dir), *write_synthetic_data(args.task, output_dir / "data", args),
+        "--do_train", "--do_eval", "--max_seq_length", args.seq_length, "--max_steps", args.max_steps,
+        "--per_device_train_batch_size", args.batch_size, "--per_device_eval_batch_size", args.eval_batch_size,
+        "--logging_steps", 1, "--save_strategy", "no", "--report_to", "none", "--seed", 0, "--overwrite_output_dir",
+        "--ort_fallback", "pytorch", *(["--fp16"] if args.fp16 else []), *args.script_args.split(),
+    ]
+    if args.task == "text-classification":
+        arguments += ["--pad_to_max_length", "True"]
+    runs = {label: run_backend(script, arguments + flags, output_dir / label.lower().replace(" ", "_"))
+            for label, flags in BACKENDS.items()}
+    pytorch, ort = runs["PyTorch"]["results"], runs["ONNX Runtime"]["results"]
+    report = {
+        "model": args.model_name_or_path or args.model, "task": args.task, "batch_size": args.batch_size,
+        "seq_length": args.seq_length, "real_tokens": args.real_tokens, "fp16": args.fp16, "runs": runs,
+        "gain": {
+            "latency_percent": gain(ort["train_runtime"], pytorch["train_runtime"], lower_is_better=True),
+            "train_throughput_percent": gain(ort["train_samples_per_second"], pytorch["train_samples_per_second"], False),
+            "eval_throughput_percent": gain(ort["eval_samples_per_second"], pytorch["eval_samples_per_second"], False),
+            "max_loss_difference": max(abs(a - b) for a, b in zip(runs["PyTorch"]["losses"], runs["ONNX Runtime"]["losses"])),
+        },
+    }
+    (output_dir / "benchmark.json").write_text(json.dumps(report, indent=1))
+    (output_dir / "benchmark.md").write_text(markdown(report))
+    plot(report, output_dir / "benchmark.png")
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
