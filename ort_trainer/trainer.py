@@ -249,8 +249,9 @@ class ORTTrainer(Trainer):
             return self._onnx_model
         self._onnx_weights = weights
         sample = self._inference_inputs(self._prepare_inputs(next(iter(dataloader))))
-        # One rank exports (or reuses a current export); the others then load what it wrote.
-        with self.args.main_process_first(desc="ONNX export"):
+        # One rank exports (or reuses a current export); the others then load what it wrote. One per machine
+        # when machines do not share the output folder (`--save_on_each_node`).
+        with self.args.main_process_first(local=self.args.save_on_each_node, desc="ONNX export"):
             onnx_model = onnx.load_onnx_model(self.model, sample, Path(self.args.output_dir) / "onnx")
         logger.info(
             "Evaluation backend: ONNX Runtime on %s (%s, optimisation: %s).",

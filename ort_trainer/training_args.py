@@ -115,6 +115,11 @@ class ORTTrainingArguments(TrainingArguments):
                 f"`--optim {ORT_FUSED_ADAM}` runs only on CUDA, but this run uses {self.device.type}. "
                 "To fix: use `--optim adamw_torch` on CPU."
             )
+        if self.bf16 and self.use_ort and self.device.type == "cpu":
+            raise ValueError(
+                "`--bf16` with ONNX Runtime training needs a GPU: ONNX Runtime's CPU build has no bf16 kernels. "
+                "To fix: drop `--bf16`, or train in bf16 with PyTorch (`--use_ort False`)."
+            )
         if self.fp16 and self.device.type == "cpu":
             raise ValueError(
                 "`--fp16` needs a GPU, and this run is on CPU. To fix: drop `--fp16`, or use `--bf16 --use_cpu`."
