@@ -66,6 +66,16 @@ class ModelArguments:
         }
 
 
+@dataclass
+class DataPreparationArguments:
+    """Options every example script shares: caching and cutting the splits for quick runs."""
+
+    overwrite_cache: bool = field(default=False, metadata={"help": "Tokenize again instead of using the cache."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Train on the first N examples only."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N examples only."})
+    max_predict_samples: int | None = field(default=None, metadata={"help": "Predict the first N examples only."})
+
+
 def run(main):
     """Run a script's `main()`: an error in what the user asked for prints one line and exits 1, and an output
     folder this run created is removed again, so a failed run leaves the disk as it found it."""

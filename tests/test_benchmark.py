@@ -17,6 +17,8 @@ def test_benchmark_writes_tables_json_and_chart(tmp_path):
         for figure in ("train_runtime", "train_samples_per_second", "eval_samples_per_second", "eval_accuracy"):
             assert run["results"][figure] > 0, figure
         assert run["first_step_seconds"] > 0 and run["peak_memory_mb"] > 0 and len(run["losses"]) == 3
+        assert run["eval_steady_samples_per_second"] > 0
+    assert ort["results"]["eval_ort_setup_seconds"] > 0 and "eval_ort_setup_seconds" not in pytorch["results"]
     assert report["gain"]["max_loss_difference"] < 1e-4
     table = (tmp_path / "benchmark.md").read_text()
     assert "| tiny | ONNX Runtime (onnxruntime on cpu) |" in table and "Train throughput gain" in table

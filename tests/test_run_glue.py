@@ -1,36 +1,18 @@
 """run_glue.py end to end on the shipped sentiment data, and its answers to bad input."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from ort_trainer import example_utils
+from .example_scripts import EXAMPLES, common, run_script
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "examples" / "text-classification" / "data" / "sentiment"
-MODEL_CONFIG = ROOT / "examples" / "text-classification" / "demo" / "bert-mini.json"
-
-
-def load_run_glue():
-    spec = importlib.util.spec_from_file_location("run_glue", ROOT / "examples" / "text-classification" / "run_glue.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+DATA = EXAMPLES / "text-classification" / "data" / "sentiment"
+MODEL_CONFIG = EXAMPLES / "text-classification" / "demo" / "bert-mini.json"
 
 
 def run_glue(monkeypatch, *args):
-    monkeypatch.setattr(sys, "argv", ["run_glue.py", *map(str, args)])
-    example_utils.run(load_run_glue().main)
-
-
-def common(output_dir):
-    return [
-        "--output_dir", output_dir, "--report_to", "none", "--use_cpu", "--seed", "42", "--ort_fallback", "error",
-        "--disable_tqdm", "True", "--save_strategy", "no",
-    ]
+    run_script(monkeypatch, EXAMPLES / "text-classification" / "run_glue.py", *args)
 
 
 def files(*splits):

@@ -1,37 +1,20 @@
 """run_ner.py end to end on the shipped NER data: learning, ORT parity, label alignment, bad input."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from ort_trainer import example_utils
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "token-classification"
+from .example_scripts import EXAMPLES, common, load_script, run_script
+
+EXAMPLE = EXAMPLES / "token-classification"
 DATA = EXAMPLE / "data" / "ner"
 MODEL_CONFIG = EXAMPLE / "demo" / "bert-mini.json"
 
 
-def load_run_ner():
-    spec = importlib.util.spec_from_file_location("run_ner", EXAMPLE / "run_ner.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_ner(monkeypatch, *args):
-    monkeypatch.setattr(sys, "argv", ["run_ner.py", *map(str, args)])
-    example_utils.run(load_run_ner().main)
-
-
-def common(output_dir):
-    return [
-        "--output_dir", output_dir, "--report_to", "none", "--use_cpu", "--seed", "42", "--ort_fallback", "error",
-        "--disable_tqdm", "True", "--save_strategy", "no",
-    ]
+    run_script(monkeypatch, EXAMPLE / "run_ner.py", *args)
 
 
 def files(*splits, folder=DATA):
@@ -78,7 +61,7 @@ def test_short_schedule_learns_and_ort_evaluation_equals_pytorch(monkeypatch, tm
 
 
 def test_alignment_first_piece_or_all_pieces():
-    align_labels = load_run_ner().align_labels
+    align_labels = load_script(EXAMPLE / "run_ner.py").align_labels
     label_to_id = {"O": 0, "B-PER": 1, "I-PER": 2}
     b_to_i = [0, 2, 2]
     # [CLS] Jo ##rdan Smith [SEP]: "Jordan" in two pieces, "Smith" in one.

@@ -32,7 +32,7 @@ TASK_TO_KEYS = {
 
 
 @dataclass
-class DataTrainingArguments:
+class DataTrainingArguments(utils.DataPreparationArguments):
     """What data to train and evaluate on, and how to prepare it."""
 
     task_name: str | None = field(default=None, metadata={"help": f"A GLUE task: {', '.join(GLUE_TASKS)}."})
@@ -44,10 +44,6 @@ class DataTrainingArguments:
     pad_to_max_length: bool = field(
         default=True, metadata={"help": "Pad every input to `max_seq_length`; otherwise pad each batch to its longest."}
     )
-    overwrite_cache: bool = field(default=False, metadata={"help": "Tokenize again instead of using the cache."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Train on the first N examples only."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N examples only."})
-    max_predict_samples: int | None = field(default=None, metadata={"help": "Predict the first N examples only."})
 
     def __post_init__(self):
         has_files = self.train_file is not None or self.validation_file is not None or self.test_file is not None

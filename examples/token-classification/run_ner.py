@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class DataTrainingArguments:
+class DataTrainingArguments(utils.DataPreparationArguments):
     """What data to train and evaluate on, and how to prepare it."""
 
     task_name: str = field(default="ner", metadata={"help": "The task (ner, pos, chunk), used in file names."})
@@ -49,10 +49,6 @@ class DataTrainingArguments:
     return_entity_level_metrics: bool = field(
         default=False, metadata={"help": "Report precision, recall and F1 of each entity type too."}
     )
-    overwrite_cache: bool = field(default=False, metadata={"help": "Tokenize again instead of using the cache."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Train on the first N examples only."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N examples only."})
-    max_predict_samples: int | None = field(default=None, metadata={"help": "Predict the first N examples only."})
 
     def __post_init__(self):
         if self.dataset_name is None and not (self.train_file or self.validation_file or self.test_file):

@@ -1,0 +1,30 @@
+"""Runs an example script's `main()` in this process, as its command line would, for the tests."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+from ort_trainer import example_utils
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run_script(monkeypatch, script: Path, *args):
+    """Run `script` with `args` the way `python script args...` would: errors exit through `example_utils.run`."""
+    monkeypatch.setattr(sys, "argv", [script.name, *map(str, args)])
+    example_utils.run(load_script(script).main)
+
+
+def load_script(script: Path):
+    spec = importlib.util.spec_from_file_location(script.stem, script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def common(output_dir):
+    """Quiet, deterministic CPU runs that fail rather than fall back to PyTorch."""
+    return [
+        "--output_dir", output_dir, "--report_to", "none", "--use_cpu", "--seed", "42", "--ort_fallback", "error",
+        "--disable_tqdm", "True", "--save_strategy", "no",
+    ]
