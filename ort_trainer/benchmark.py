@@ -182,11 +182,12 @@ def main(argv=None):
         "--do_train", "--do_eval", "--max_seq_length", args.seq_length, "--max_steps", args.max_steps,
         "--per_device_train_batch_size", args.batch_size, "--per_device_eval_batch_size", args.eval_batch_size,
         "--logging_steps", 1, "--save_strategy", "no", "--report_to", "none", "--seed", 0, "--overwrite_output_dir",
-        "--ort_fallback", "pytorch", *(["--fp16"] if args.fp16 else []), *args.script_args.split(),
+        "--ort_fallback", "pytorch", *(["--fp16"] if args.fp16 else []),
     ]
     if args.task == "text-classification":
         arguments += ["--pad_to_max_length", "True"]
-    runs = {label: run_backend(script, arguments + flags, output_dir / label.lower().replace(" ", "_"))
+    # The user's arguments come last, so that they win.
+    runs = {label: run_backend(script, [*arguments, *flags, *args.script_args.split()], output_dir / label.lower().replace(" ", "_"))
             for label, flags in BACKENDS.items()}
     pytorch, ort = runs["PyTorch"]["results"], runs["ONNX Runtime"]["results"]
     report = {

@@ -258,9 +258,11 @@ class ORTTrainer(Trainer):
         # One rank exports (or reuses a current export); the others then load what it wrote. One per machine
         # when machines do not share the output folder (`--save_on_each_node`).
         with self.args.main_process_first(local=self.args.save_on_each_node, desc="ONNX export"):
-            onnx_model = onnx.load_onnx_model(self.model, sample, Path(self.args.output_dir) / "onnx")
+            onnx_model = onnx.load_onnx_model(
+                self.model, sample, Path(self.args.output_dir) / "onnx", fp16=self.args.fp16
+            )
         logger.info(
-            "Evaluation backend: ONNX Runtime on %s (%s, optimisation: %s).",
+            "Evaluation backend: ONNX Runtime on %s (%s, optimisation and precision: %s).",
             onnx_model.provider, onnx_model.path, onnx_model.optimization,
         )
         return onnx_model

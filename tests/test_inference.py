@@ -122,3 +122,26 @@ def test_model_that_cannot_be_exported_names_the_operator(tmp_path):
     with pytest.raises(ONNXExportError, match="aten::special_bessel_j0") as raised:
         trainer.evaluate()
     assert "\n" not in str(raised.value)
+
+
+def test_provider_follows_the_model_device_and_the_installed_build(caplog):
+    from ort_trainer.onnx import select_provider
+
+    both = ("CUDAExecutionProvider", "CPUExecutionProvider")
+    assert select_provider(torch.device("cuda", 1), both) == "CUDAExecutionProvider"
+    assert select_provider(torch.device("cpu"), both) == "CPUExecutionProvider"
+    with caplog.at_level("WARNING"):
+        assert select_provider(torch.device("cuda", 0), ("CPUExecutionProvider",)) == "CPUExecutionProvider"
+    assert "no CUDAExecutionProvider: evaluating with ONNX Runtime on the CPU. To evaluate on the GPU: pip install onnxruntime-gpu." in caplog.text
+
+
+def test_cpu_sessions_stay_fp32_even_when_fp16_is_asked(tmp_path):
+    from ort_trainer.onnx import load_onnx_model
+
+    model = tiny_model("bert").eval()
+    sample = {key: torch.stack([row[key] for row in padded_rows(4)]) for key in ("input_ids", "attention_mask")}
+    onnx_model = load_onnx_model(model, sample, tmp_path, fp16=True)
+    assert onnx_model.provider == "CPUExecutionProvider" and onnx_model.optimization.endswith("fp32")
+    assert not list(tmp_path.glob("*fp16*"))
+    with torch.no_grad():
+        np.testing.assert_allclose(onnx_model(sample)["logits"].numpy(), model(**sample).logits.numpy(), atol=1e-5)
