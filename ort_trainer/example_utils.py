@@ -11,11 +11,12 @@ from pathlib import Path
 
 import datasets
 import transformers
-from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, PreTrainedTokenizerFast, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from .onnx import ONNXExportError
 from .ortmodule import ORTTrainingError
+from .training_args import ORTTrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,16 @@ def _output_dir_argument(argv: list) -> Path | None:
         if argument == "--output_dir" and index + 1 < len(argv):
             return Path(argv[index + 1])
     return None
+
+
+def start(data_arguments_class):
+    """What every script does first: parse its options (model, data, training), set up logging, find the
+    checkpoint to resume from, seed. Returns the three argument objects and the checkpoint."""
+    model_args, data_args, training_args = parse_arguments(ModelArguments, data_arguments_class, ORTTrainingArguments)
+    setup_logging(training_args)
+    checkpoint = last_checkpoint(training_args)
+    set_seed(training_args.seed)
+    return model_args, data_args, training_args, checkpoint
 
 
 def parse_arguments(*dataclass_types):

@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from transformers import AutoModelForTokenClassification, BertConfig
+from transformers import AutoModelForTokenClassification
 
 from ort_trainer import ORTTrainer, ORTTrainingArguments
 from ort_trainer.onnx import ONNXExportError

@@ -5,18 +5,15 @@ The same command line as Hugging Face's run_glue.py, plus the ORT options of `OR
 (`--use_ort`, `--inference_with_ort`, `--ort_fallback`, ...).
 """
 
-import logging
 from dataclasses import dataclass, field
 
 import datasets
 import numpy as np
-from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, EvalPrediction, set_seed
+from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, EvalPrediction
 
-from ort_trainer import ORTTrainer, ORTTrainingArguments
+from ort_trainer import ORTTrainer
 from ort_trainer import example_utils as utils
 from ort_trainer.metrics import GLUE_TASKS, glue_metrics
-
-logger = logging.getLogger(__name__)
 
 TASK_TO_KEYS = {
     "cola": ("sentence", None),
@@ -70,12 +67,7 @@ def text_columns(task_name, column_names):
 
 
 def main():
-    model_args, data_args, training_args = utils.parse_arguments(
-        utils.ModelArguments, DataTrainingArguments, ORTTrainingArguments
-    )
-    utils.setup_logging(training_args)
-    checkpoint = utils.last_checkpoint(training_args)
-    set_seed(training_args.seed)
+    model_args, data_args, training_args, checkpoint = utils.start(DataTrainingArguments)
 
     # Data: a GLUE task from the Hub, or local files.
     if data_args.task_name is not None:

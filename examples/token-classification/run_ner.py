@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from datasets import ClassLabel, Sequence
-from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification, set_seed
+from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification
 
-from ort_trainer import ORTTrainer, ORTTrainingArguments
+from ort_trainer import ORTTrainer
 from ort_trainer import example_utils as utils
 from ort_trainer.metrics import seqeval_metrics
 
@@ -98,12 +98,7 @@ def align_labels(word_ids, tags, label_to_id, b_to_i, label_all_tokens):
 
 
 def main():
-    model_args, data_args, training_args = utils.parse_arguments(
-        utils.ModelArguments, DataTrainingArguments, ORTTrainingArguments
-    )
-    utils.setup_logging(training_args)
-    checkpoint = utils.last_checkpoint(training_args)
-    set_seed(training_args.seed)
+    model_args, data_args, training_args, checkpoint = utils.start(DataTrainingArguments)
 
     # Data.
     raw_datasets = utils.load_raw_datasets(data_args, model_args)
