@@ -1,11 +1,13 @@
 """`ORTTrainer` and `Seq2SeqORTTrainer`: the `transformers` trainers, training through ONNX Runtime's ORTModule.
 
-Only hooks are overridden, each around a `super()` call (checked against transformers 5.x):
+Only hooks are overridden, each around a `super()` call (checked against transformers 5.17 and 5.23):
 - `_wrap_model` puts the model in an ORTModule for training and lets accelerate wrap that (DDP outside ORT);
 - `get_optimizer_cls_and_kwargs` adds ORT's FusedAdam;
 - `compute_loss` runs the loss inside the ORT graph with `--use_module_with_loss`;
-- `training_step` reports once which backend really ran;
-- `train` and `_save` switch the model to what ORT can differentiate for training and back.
+- `training_step` drops all-padding columns, and on the first step reports which backend really ran (or why
+  ORT could not, then fails or falls back to PyTorch);
+- `train` and `_save` switch the model to what ORT can differentiate for training and back;
+- `evaluation_loop` and `prediction_step` run `--inference_with_ort` in an InferenceSession.
 `self.model` stays the plain model, so checkpoints are ordinary Hugging Face checkpoints.
 """
 
@@ -114,7 +116,7 @@ class ORTTrainer(Trainer):
     """A `transformers.Trainer` whose training forward and backward run in ONNX Runtime.
 
     Takes the same arguments as `Trainer`; `args` may be an `ORTTrainingArguments` or a plain `TrainingArguments`.
-    Evaluation and prediction run as in `Trainer`.
+    Evaluation and prediction run as in `Trainer`, or with `inference_with_ort` in an ONNX Runtime session.
 
     Example:
         ```python
