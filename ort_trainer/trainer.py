@@ -1,6 +1,6 @@
 """`ORTTrainer` and `Seq2SeqORTTrainer`: the `transformers` trainers, training through ONNX Runtime's ORTModule.
 
-Only hooks are overridden, each around a `super()` call (checked against transformers 5.17 and 5.23):
+Only hooks are overridden, each around a `super()` call (written against transformers 5.23):
 - `_wrap_model` puts the model in an ORTModule for training and lets accelerate wrap that (DDP outside ORT);
 - `get_optimizer_cls_and_kwargs` adds ORT's FusedAdam;
 - `compute_loss` runs the loss inside the ORT graph with `--use_module_with_loss`;
