@@ -1,10 +1,12 @@
 """Evaluation and prediction in an `onnxruntime.InferenceSession`: export once, optimise where results stay equal,
 run batches of any size and length. Works with every ONNX Runtime build (plain, -gpu, -training)."""
 
+import contextlib
 import hashlib
 import inspect
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,9 +170,65 @@ def _numpy_type(dtype: torch.dtype):
     return {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32, torch.float16: np.float16}[dtype]
 
 
-def _optimize(path: Path, model: torch.nn.Module, provider: str) -> bool:
-    """Fuse attention, layer norm and GELU with ORT's transformer optimizer, for the architectures it knows.
-    Returns whether it wrote `model_optimized.onnx`."""
+FUSABLE_ATTENTION = "ort_fusable"
+
+
+def _fusable_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention as BERT was first written (scores / sqrt(d), plus an additive mask): the pattern that ORT's
+    transformer optimizer fuses into one Attention node. Same results as transformers' eager attention."""
+    scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(query.size(-1))
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = torch.softmax(scores, dim=-1)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def _fusable_padding_mask(batch_size, q_length, kv_length, *args, attention_mask=None, dtype=torch.float32, **kwargs):
+    """The additive padding mask of the original BERT, `(1 - mask) * -10000`, which ORT's fusion recognises."""
+    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * -10000.0
+
+
+@contextlib.contextmanager
+def _attention_ort_can_fuse(model):
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(FUSABLE_ATTENTION, _fusable_attention)
+    AttentionMaskInterface.register(FUSABLE_ATTENTION, _fusable_padding_mask)
+    attention = model.config._attn_implementation
+    model.set_attn_implementation(FUSABLE_ATTENTION)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(attention)
+
+
+def _name_head_count(path: Path, heads: int, head_size: int):
+    """transformers reshapes to (batch, sequence, -1, head_size); ORT's fusion reads the head count from that
+    shape, so the -1 becomes `heads` (the same shape)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path))
+    constants = {node.output[0]: node for node in graph.graph.node if node.op_type == "Constant"}
+    producers = {output: node for node in graph.graph.node for output in node.output}
+    for node in graph.graph.node:
+        concat = producers.get(node.input[1]) if node.op_type == "Reshape" else None
+        if concat is None or concat.op_type != "Concat" or len(concat.input) != 4:
+            continue
+        count, size = (constants.get(name) for name in concat.input[2:])
+        if count is None or size is None:
+            continue
+        count_value, size_value = (numpy_helper.to_array(constant.attribute[0].t) for constant in (count, size))
+        if count_value.size == 1 and int(count_value.flat[0]) == -1 and int(size_value.flat[0]) == head_size:
+            count.attribute[0].t.CopyFrom(numpy_helper.from_array(np.full_like(count_value, heads)))
+    onnx.save(graph, str(path))
+
+
+def _optimize(path: Path, model: torch.nn.Module, sample_inputs: dict, provider: str) -> bool:
+    """Fuse attention, layer norm and GELU with ORT's transformer optimizer, for the architectures it knows, from
+    an export whose attention is written the way the optimizer recognises. Returns whether it wrote
+    `model_optimized.onnx`."""
     config = getattr(model, "config", None)
     model_type = OPTIMIZER_MODEL_TYPES.get(getattr(config, "model_type", None))
     if model_type is None:
@@ -179,11 +237,16 @@ def _optimize(path: Path, model: torch.nn.Module, provider: str) -> bool:
 
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_heads", 0)
     hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", 0)
+    fusable = path.with_name("model_fusable.onnx")
+    with _attention_ort_can_fuse(model):
+        export_onnx(model, sample_inputs, fusable)
+    _name_head_count(fusable, heads, hidden // heads)
     optimized = optimize_model(
-        str(path), model_type=model_type, num_heads=heads, hidden_size=hidden,
+        str(fusable), model_type=model_type, num_heads=heads, hidden_size=hidden,
         use_gpu=provider == "CUDAExecutionProvider", opt_level=0,
     )
     optimized.save_model_to_file(str(path.with_name("model_optimized.onnx")))
+    fusable.unlink()
     return True
 
 
@@ -249,7 +312,7 @@ def _export_and_choose_graph(model, sample_inputs, directory: Path, provider: st
     for stale in directory.glob("model_*.onnx"):
         stale.unlink()
     export_onnx(model, sample_inputs, path)
-    if not (optimize and _optimize(path, model, provider)):
+    if not (optimize and _optimize(path, model, sample_inputs, provider)):
         return path.name
     labels = model.config.num_labels
     plain = ONNXModel(create_inference_session(path, provider, device), path, provider, device, "", labels)

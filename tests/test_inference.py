@@ -145,3 +145,22 @@ def test_cpu_sessions_stay_fp32_even_when_fp16_is_asked(tmp_path):
     assert not list(tmp_path.glob("*fp16*"))
     with torch.no_grad():
         np.testing.assert_allclose(onnx_model(sample)["logits"].numpy(), model(**sample).logits.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["bert", "roberta", "distilbert"])
+def test_transformer_fusions_apply_to_transformers_graphs(name, tmp_path):
+    """ORT's optimizer fuses attention, embedding and layer norms into single nodes, with PyTorch's outputs."""
+    from ort_trainer.onnx import load_onnx_model
+
+    model = tiny_model(name).eval()
+    rows = padded_rows(8)
+    sample = {key: torch.stack([row[key] for row in rows]) for key in ("input_ids", "attention_mask")}
+    onnx_model = load_onnx_model(model, sample, tmp_path)
+    assert onnx_model.optimization == "transformer fusions, fp32"
+    operators = [node.op_type for node in onnx.load(onnx_model.path).graph.node]
+    layers = model.config.n_layers if name == "distilbert" else model.config.num_hidden_layers
+    assert operators.count("Attention") == layers
+    assert "SkipLayerNormalization" in operators
+    assert model.config._attn_implementation == tiny_model(name).config._attn_implementation  # restored after export
+    with torch.no_grad():
+        np.testing.assert_allclose(onnx_model(sample)["logits"].numpy(), model(**sample).logits.numpy(), atol=1e-5)
