@@ -1,6 +1,7 @@
 """What the example scripts share: model arguments, parsing, logging, output folder checks, data loading,
 tokenizers built offline, and the train / evaluate / save steps. Each script keeps only its task's code."""
 
+import json
 import logging
 import os
 import shutil
@@ -92,9 +93,8 @@ def run(main):
 
 
 def _output_dir_argument(argv: list) -> Path | None:
+    """The `--output_dir` of a command line (or of its lone .json options file), read before parsing fails."""
     if len(argv) == 1 and argv[0].endswith(".json"):
-        import json
-
         try:
             value = json.loads(Path(argv[0]).read_text()).get("output_dir")
         except (OSError, ValueError):
