@@ -164,3 +164,26 @@ def test_transformer_fusions_apply_to_transformers_graphs(name, tmp_path):
     assert model.config._attn_implementation == tiny_model(name).config._attn_implementation  # restored after export
     with torch.no_grad():
         np.testing.assert_allclose(onnx_model(sample)["logits"].numpy(), model(**sample).logits.numpy(), atol=1e-5)
+
+
+def test_fused_graph_check_tolerates_swaps_only_between_near_ties():
+    from ort_trainer.onnx import _same_outputs
+
+    def session(logits):
+        return _Fixed(torch.tensor(logits))
+
+    near_tie = session([[0.50000, 0.50002], [2.0, -1.0]])
+    swapped = session([[0.50002, 0.50000], [2.0, -1.0]])
+    assert _same_outputs(near_tie, swapped, {})  # a 2e-5 swap between near-equal logits is within tolerance
+    assert not _same_outputs(session([[0.0, 1.0]]), session([[0.0, 1.001]]), {})  # beyond 1e-4
+    assert not _same_outputs(session([[0.0, 1e-3]]), session([[1e-3, 0.0]]), {})  # a clear decision changed
+
+
+class _Fixed:
+    provider = "CPUExecutionProvider"
+
+    def __init__(self, logits):
+        self.logits = logits
+
+    def __call__(self, inputs):
+        return {"logits": self.logits}
