@@ -83,10 +83,11 @@ def test_two_nodes_on_one_machine(runs):
 def test_a_dead_rank_stops_the_run_and_the_checkpoint_resumes(runs):
     folder, _, double = runs
     start = time.monotonic()
-    killed = torchrun(folder / "killed", 4, 1, 6)  # rank 1 exits at step 6; checkpoint-4 is already saved
+    killed = torchrun(folder / "killed", 4, 1, 6)  # rank 1 is killed at step 6; checkpoint-4 is already saved
     assert time.monotonic() - start < 180
     assert killed.returncode != 0
-    assert "exitcode  : 17" in killed.stderr  # torchrun names the failed rank and its exit code
+    # torchrun's report of the failed ranks (the killed one, or the survivor whose collective broke first).
+    assert "ChildFailedError" in killed.stderr and "exitcode" in killed.stderr
     checkpoint = folder / "killed" / "checkpoint-4"
     assert (checkpoint / "model.safetensors").exists() and (checkpoint / "trainer_state.json").exists()
 
