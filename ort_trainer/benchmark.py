@@ -95,15 +95,15 @@ def run_backend(script: Path, arguments: list, output_dir: Path) -> dict:
     log_text = log_path.read_text()
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{script.name} failed, see {log_path}: {log_text.strip().splitlines()[-1]}")
-    state = json.loads((output_dir / "trainer_state.json").read_text())
-    history = state["log_history"]
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    results = json.loads((output_dir / "all_results.json").read_text())
     return {
         "training_backend": _logged(r"Training backend: ([^\n]*?)\.(?:\s|$)", log_text),
         "evaluation_backend": _logged(r"Evaluation backend: (ONNX Runtime on \w+)", log_text) or "PyTorch",
-        "results": json.loads((output_dir / "all_results.json").read_text()),
+        "results": results,
         "losses": [entry["loss"] for entry in history if "loss" in entry],
         "first_step_seconds": next(entry["first_step_seconds"] for entry in history if "first_step_seconds" in entry),
-        "eval_steady_samples_per_second": _steady_eval_throughput(json.loads((output_dir / "all_results.json").read_text())),
+        "eval_steady_samples_per_second": _steady_eval_throughput(results),
         "peak_memory_mb": usage.ru_maxrss / 1024,
         "log": str(log_path),
     }

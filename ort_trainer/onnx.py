@@ -136,6 +136,10 @@ class ONNXModel:
     optimization: str
     num_labels: int
 
+    @classmethod
+    def open(cls, path: Path, provider: str, device: torch.device, num_labels: int, optimization: str = ""):
+        return cls(create_inference_session(path, provider, device), path, provider, device, optimization, num_labels)
+
     @property
     def input_names(self) -> list:
         return [node.name for node in self.session.get_inputs()]
@@ -286,7 +290,7 @@ def load_onnx_model(
     }
     stamp = json.loads(stamp_path.read_text()) if stamp_path.exists() else {}
     if stamp.get("key") != key or not (directory / stamp.get("graph", "")).is_file():
-        graph = _export_and_choose_graph(model, sample_inputs, directory, provider, optimize)
+        graph = _export_and_choose_graph(model, sample_inputs, directory, provider, device, optimize)
         if key["fp16"]:
             graph = _convert_to_fp16(directory / graph)
         stamp = {"key": key, "graph": graph}
@@ -294,8 +298,7 @@ def load_onnx_model(
     path = directory / stamp["graph"]
     optimization = "transformer fusions" if "optimized" in path.name else "none"
     precision = "fp16" if key["fp16"] else "fp32"
-    session = create_inference_session(path, provider, device)
-    return ONNXModel(session, path, provider, device, f"{optimization}, {precision}", model.config.num_labels)
+    return ONNXModel.open(path, provider, device, model.config.num_labels, f"{optimization}, {precision}")
 
 
 def _convert_to_fp16(path: Path) -> str:
@@ -309,9 +312,8 @@ def _convert_to_fp16(path: Path) -> str:
     return fp16_path.name
 
 
-def _export_and_choose_graph(model, sample_inputs, directory: Path, provider: str, optimize: bool) -> str:
+def _export_and_choose_graph(model, sample_inputs, directory: Path, provider: str, device, optimize: bool) -> str:
     """Export, then keep the optimised graph only if it gives the exported graph's outputs."""
-    device = next(model.parameters()).device
     path, optimized_path = directory / "model.onnx", directory / "model_optimized.onnx"
     for stale in directory.glob("model_*.onnx"):
         stale.unlink()
@@ -319,8 +321,7 @@ def _export_and_choose_graph(model, sample_inputs, directory: Path, provider: st
     if not (optimize and _optimize(path, model, sample_inputs, provider)):
         return path.name
     labels = model.config.num_labels
-    plain = ONNXModel(create_inference_session(path, provider, device), path, provider, device, "", labels)
-    fused = ONNXModel(create_inference_session(optimized_path, provider, device), optimized_path, provider, device, "", labels)
+    plain, fused = (ONNXModel.open(graph, provider, device, labels) for graph in (path, optimized_path))
     if _same_outputs(plain, fused, sample_inputs):
         return optimized_path.name
     logger.warning("ORT's transformer optimizer changed this model's outputs; evaluating the unfused graph.")

@@ -163,6 +163,9 @@ def test_glue_tasks_metrics_and_predictions_with_dynamic_padding(task, metrics, 
     run_glue(monkeypatch, "--model_name_or_path", tmp_path / "pytorch", "--inference_with_ort", *task_args,
              *common(tmp_path / "ort"))
     results = {backend: json.loads((tmp_path / backend / "eval_results.json").read_text()) for backend in ("pytorch", "ort")}
+    # The ORT run really evaluated in an InferenceSession: it timed its setup and left its exported graph.
+    assert results["ort"]["eval_ort_setup_seconds"] > 0 and "eval_ort_setup_seconds" not in results["pytorch"]
+    assert (tmp_path / "ort" / "onnx" / "model.json").exists()
     for suffix in ["", "_mm"] if task == "mnli" else [""]:
         name = f"predict_results_{task}{suffix}.txt"
         pytorch_lines, ort_lines = ((tmp_path / backend / name).read_text().splitlines() for backend in ("pytorch", "ort"))

@@ -52,6 +52,7 @@ def test_short_schedule_learns_and_ort_evaluation_equals_pytorch(monkeypatch, tm
         metrics[backend] = json.loads((tmp_path / backend / "eval_results.json").read_text())
         predictions[backend] = (tmp_path / backend / "predictions.txt").read_text()
     assert predictions["ort"] == predictions["pytorch"]
+    assert "eval_ort_setup_seconds" in metrics["ort"] and "eval_ort_setup_seconds" not in metrics["pytorch"]
     timings = ("runtime", "per_second", "preparation_time")
     for key, value in metrics["pytorch"].items():
         if key == "eval_loss":
