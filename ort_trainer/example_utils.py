@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import torch
 import transformers
 from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, PreTrainedTokenizerFast, set_seed
 from transformers.trainer_utils import get_last_checkpoint
@@ -90,6 +91,10 @@ def run(main):
             shutil.rmtree(output_dir, ignore_errors=True)
         print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        # Under torchrun: close the process group before exit, or its threads can abort the process at shutdown.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def _output_dir_argument(argv: list) -> Path | None:

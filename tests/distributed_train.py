@@ -61,3 +61,5 @@ def main(output_dir, batch_size, use_ort="1", die_at_step="0", resume=None):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     main(*sys.argv[1:])
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # else its threads can abort the process at shutdown
