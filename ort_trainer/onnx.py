@@ -7,8 +7,10 @@ import inspect
 import json
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -74,24 +76,36 @@ def export_onnx(model: torch.nn.Module, sample_inputs: dict, path: Path) -> Path
     parameters = list(inspect.signature(model.forward).parameters)
     input_names = sorted(sample_inputs, key=parameters.index)
     dynamic_axes = {name: {0: "batch", 1: "sequence"} for name in input_names} | outputs
-    path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
+            export_module(model, sample_inputs, input_names, list(outputs), dynamic_axes, path)
+    finally:
+        model.train(was_training)
+    return path
+
+
+def export_module(module, inputs, input_names: list, output_names: list, dynamic_axes: dict, path: Path) -> None:
+    """`torch.onnx.export` with the TorchScript exporter (the one ORT's transformer optimizer knows), or an
+    error naming what could not be exported. `inputs` are positional (a tuple) or keyword (a dict)."""
+    args, kwargs = ((), inputs) if isinstance(inputs, dict) else (tuple(inputs), None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings():
+            # The tracer warns of every Python value it records; the graphs are tested on other shapes than traced.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(
-                model, (), str(path), kwargs=sample_inputs, input_names=input_names, output_names=list(outputs),
+                module, args, str(path), kwargs=kwargs, input_names=input_names, output_names=output_names,
                 dynamic_axes=dynamic_axes, opset_version=OPSET, do_constant_folding=True, dynamo=False,
             )
     except Exception as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        name = type(getattr(module, "model", module)).__name__
         raise ONNXExportError(
-            f"Could not export {type(model).__name__} to ONNX for `--inference_with_ort`: {first_line.rstrip('.')}. "
+            f"Could not export {name} to ONNX for `--inference_with_ort`: {first_line.rstrip('.')}. "
             "To fix: evaluate in PyTorch (drop `--inference_with_ort`)."
         ) from error
-    finally:
-        model.train(was_training)
-    return path
 
 
 def _ort():
@@ -127,18 +141,18 @@ def create_inference_session(path: Path, provider: str, device: torch.device):
 
 @dataclass
 class ONNXModel:
-    """An exported model in an InferenceSession, called like the PyTorch model on a batch of tensors."""
+    """An exported model in an InferenceSession, called like the PyTorch model on a dict of tensors; returns a dict
+    of its outputs, on the model's device."""
 
     session: object
     path: Path
     provider: str
     device: torch.device
-    optimization: str
-    num_labels: int
+    optimization: str = ""
 
     @classmethod
-    def open(cls, path: Path, provider: str, device: torch.device, num_labels: int, optimization: str = ""):
-        return cls(create_inference_session(path, provider, device), path, provider, device, optimization, num_labels)
+    def open(cls, path: Path, provider: str, device: torch.device, optimization: str = ""):
+        return cls(create_inference_session(path, provider, device), path, provider, device, optimization)
 
     @property
     def input_names(self) -> list:
@@ -153,21 +167,31 @@ class ONNXModel:
         return {name: torch.from_numpy(value).to(self.device) for name, value in zip(names, values)}
 
     def _run_with_io_binding(self, feeds: dict) -> dict:
-        """Inputs read from and outputs left on the GPU: no host round trip per batch."""
+        """Inputs read from and outputs written to torch tensors on the GPU: no host round trip per batch."""
         binding = self.session.io_binding()
+        device_id = self.device.index or 0
         for name, tensor in feeds.items():
-            tensor = tensor.contiguous()
-            binding.bind_input(
-                name, "cuda", tensor.device.index or 0, _numpy_type(tensor.dtype), list(tensor.shape), tensor.data_ptr()
-            )
-        # The logits go straight into a torch tensor: (batch, labels), or (batch, sequence, labels) per token.
-        (output,) = self.session.get_outputs()
-        input_ids = feeds["input_ids"]
-        shape = (*input_ids.shape[: len(output.shape) - 1], self.num_labels)
-        logits = torch.empty(shape, dtype=torch.float32, device=input_ids.device)
-        binding.bind_output(output.name, "cuda", logits.device.index or 0, np.float32, list(shape), logits.data_ptr())
+            tensor = feeds[name] = tensor.contiguous()
+            binding.bind_input(name, "cuda", device_id, _numpy_type(tensor.dtype), list(tensor.shape), tensor.data_ptr())
+        outputs = {}
+        for name, (shape, dtype) in self._output_shapes(feeds).items():
+            outputs[name] = torch.empty(shape, dtype=dtype, device=self.device)
+            binding.bind_output(name, "cuda", device_id, _numpy_type(dtype), shape, outputs[name].data_ptr())
         self.session.run_with_iobinding(binding)
-        return {output.name: logits}
+        return outputs
+
+    def _output_shapes(self, feeds: dict) -> dict:
+        """Each output's shape and type, its dynamic axes sized by the inputs' axes of the same name."""
+        sizes = {}
+        for node in self.session.get_inputs():
+            sizes |= {axis: size for axis, size in zip(node.shape, feeds[node.name].shape) if isinstance(axis, str)}
+        return {
+            node.name: ([sizes[axis] if isinstance(axis, str) else axis for axis in node.shape], ONNX_TYPES[node.type])
+            for node in self.session.get_outputs()
+        }
+
+
+ONNX_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64}
 
 
 def _numpy_type(dtype: torch.dtype):
@@ -271,37 +295,52 @@ def _same_outputs(first: ONNXModel, second: ONNXModel, inputs: dict) -> bool:
     return same_predictions and torch.allclose(a, b, atol=atol, rtol=0)
 
 
+def export_key(model: torch.nn.Module, **settings) -> dict:
+    """What an export depends on: weights, config, the versions that wrote it, and the caller's settings."""
+    from . import __version__
+
+    return {
+        "fingerprint": fingerprint(model), "opset": OPSET, "torch": torch.__version__, "ort_trainer": __version__,
+    } | settings
+
+
+def reuse_or_export(directory: Path, key: dict, export: Callable[[], list]) -> list:
+    """The graph files recorded in `directory/model.json` if they were exported under `key` and are all there,
+    else the files `export()` writes (then recorded)."""
+    stamp_path = directory / "model.json"
+    stamp = json.loads(stamp_path.read_text()) if stamp_path.exists() else {}
+    graphs = stamp.get("graphs")
+    if stamp.get("key") != key or not graphs or not all((directory / graph).is_file() for graph in graphs):
+        directory.mkdir(parents=True, exist_ok=True)
+        stamp = {"key": key, "graphs": export()}
+        stamp_path.write_text(json.dumps(stamp))
+    return stamp["graphs"]
+
+
 def load_onnx_model(
     model: torch.nn.Module, sample_inputs: dict, directory: Path, optimize: bool = True, fp16: bool = False
 ) -> ONNXModel:
-    """The ONNX Runtime counterpart of `model`, in a session: exported into `directory` (reused while the weights
-    and config are unchanged), optimised when the optimised graph gives the same outputs on `sample_inputs`, and
-    in fp16 when `fp16` and running on CUDA (inputs and outputs keep their types). CPU runs stay fp32."""
-    from . import __version__
-
+    """The ONNX Runtime counterpart of a classifier, in a session: exported into `directory` (reused while the
+    weights and config are unchanged), optimised when the optimised graph gives the same outputs on
+    `sample_inputs`, and in fp16 when `fp16` and running on CUDA (inputs and outputs keep their types). CPU runs
+    stay fp32."""
     device = next(model.parameters()).device
     provider = select_provider(device, onnxruntime_providers())
     directory = Path(directory)
-    stamp_path = directory / "model.json"
-    key = {
-        "fingerprint": fingerprint(model), "inputs": sorted(sample_inputs), "provider": provider, "opset": OPSET,
-        "optimize": optimize, "fp16": fp16 and provider == "CUDAExecutionProvider", "torch": torch.__version__,
-        "ort_trainer": __version__,
-    }
-    stamp = json.loads(stamp_path.read_text()) if stamp_path.exists() else {}
-    if stamp.get("key") != key or not (directory / stamp.get("graph", "")).is_file():
+    fp16 = fp16 and provider == "CUDAExecutionProvider"
+    key = export_key(model, inputs=sorted(sample_inputs), provider=provider, optimize=optimize, fp16=fp16)
+
+    def export() -> list:
         graph = _export_and_choose_graph(model, sample_inputs, directory, provider, device, optimize)
-        if key["fp16"]:
-            graph = _convert_to_fp16(directory / graph)
-        stamp = {"key": key, "graph": graph}
-        stamp_path.write_text(json.dumps(stamp))
-    path = directory / stamp["graph"]
-    optimization = "transformer fusions" if "optimized" in path.name else "none"
-    precision = "fp16" if key["fp16"] else "fp32"
-    return ONNXModel.open(path, provider, device, model.config.num_labels, f"{optimization}, {precision}")
+        return [convert_to_fp16(directory / graph) if fp16 else graph]
+
+    (graph,) = reuse_or_export(directory, key, export)
+    optimization = "transformer fusions" if "optimized" in graph else "none"
+    precision = "fp16" if fp16 else "fp32"
+    return ONNXModel.open(directory / graph, provider, device, f"{optimization}, {precision}")
 
 
-def _convert_to_fp16(path: Path) -> str:
+def convert_to_fp16(path: Path) -> str:
     """Weights and compute in fp16, inputs and outputs in their own types."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -320,8 +359,7 @@ def _export_and_choose_graph(model, sample_inputs, directory: Path, provider: st
     export_onnx(model, sample_inputs, path)
     if not (optimize and _optimize(path, model, sample_inputs, provider)):
         return path.name
-    labels = model.config.num_labels
-    plain, fused = (ONNXModel.open(graph, provider, device, labels) for graph in (path, optimized_path))
+    plain, fused = (ONNXModel.open(graph, provider, device) for graph in (path, optimized_path))
     if _same_outputs(plain, fused, sample_inputs):
         return optimized_path.name
     logger.warning("ORT's transformer optimizer changed this model's outputs; evaluating the unfused graph.")

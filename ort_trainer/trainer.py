@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, Seq2SeqTrainer, Trainer, TrainingArguments
 
-from . import onnx, ortmodule
+from . import generation, onnx, ortmodule
 from .training_args import ORT_FUSED_ADAM, ORTSeq2SeqTrainingArguments, ORTTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -250,23 +250,32 @@ class ORTTrainer(Trainer):
         output.metrics[f"{metric_key_prefix}_ort_setup_seconds"] = round(setup_seconds, 3)
         return output
 
-    def _load_onnx_model(self, dataloader) -> onnx.ONNXModel:
+    def _load_onnx_model(self, dataloader):
         # Parameters change in place, which bumps their version counters: equal counters, same weights.
         weights = tuple((tensor.data_ptr(), tensor._version) for tensor in self.model.state_dict().values())
         if self._onnx_model is not None and weights == self._onnx_weights:
             return self._onnx_model
         self._onnx_weights = weights
         sample = self._inference_inputs(self._prepare_inputs(next(iter(dataloader))))
+        directory = Path(self.args.output_dir) / "onnx"
         # One rank exports (or reuses a current export); the others then load what it wrote. One per machine
         # when machines do not share the output folder (`--save_on_each_node`).
         with self.args.main_process_first(local=self.args.save_on_each_node, desc="ONNX export"):
-            onnx_model = onnx.load_onnx_model(
-                self.model, sample, Path(self.args.output_dir) / "onnx", fp16=self.args.fp16
-            )
-        logger.info(
-            "Evaluation backend: ONNX Runtime on %s (%s, optimisation and precision: %s).",
-            onnx_model.provider, onnx_model.path, onnx_model.optimization,
-        )
+            if self.model.config.is_encoder_decoder:
+                onnx_model = generation.load_seq2seq_onnx_model(
+                    self.model, sample["input_ids"], sample["attention_mask"], directory, fp16=self.args.fp16
+                )
+                graphs = ", ".join(session.path.name for session in onnx_model.sessions)
+                logger.info(
+                    "Evaluation and generation backend: ONNX Runtime on %s (%s in %s, precision: %s).",
+                    onnx_model.provider, graphs, directory, onnx_model.encoder.optimization,
+                )
+            else:
+                onnx_model = onnx.load_onnx_model(self.model, sample, directory, fp16=self.args.fp16)
+                logger.info(
+                    "Evaluation backend: ONNX Runtime on %s (%s, optimisation and precision: %s).",
+                    onnx_model.provider, onnx_model.path, onnx_model.optimization,
+                )
         return onnx_model
 
     def _can_trim_padding(self) -> bool:
@@ -288,9 +297,14 @@ class ORTTrainer(Trainer):
         }
         return trim_padding(model_inputs) if self._can_trim_padding() else model_inputs
 
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
         if not self.args.inference_with_ort:
-            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys, **gen_kwargs)
+        if isinstance(self._onnx_model, generation.ONNXSeq2SeqModel):
+            # `Seq2SeqTrainer` generates and computes the loss as always; the model's forward and encoder are the
+            # ONNX Runtime sessions meanwhile.
+            with generation.running_in_session(self.model, self._onnx_model):
+                return super().prediction_step(self.model, inputs, prediction_loss_only, ignore_keys, **gen_kwargs)
         inputs = self._prepare_inputs(inputs)
         logits = self._onnx_model(self._inference_inputs(inputs))["logits"]
         if logits.dim() == 3:  # token classification: back to the batch's padded length, for the labels
@@ -305,7 +319,8 @@ class ORTTrainer(Trainer):
 
 
 class Seq2SeqORTTrainer(ORTTrainer, Seq2SeqTrainer):
-    """A `Seq2SeqTrainer` whose training runs in ONNX Runtime, as `ORTTrainer`'s does."""
+    """A `Seq2SeqTrainer` whose training runs in ONNX Runtime, as `ORTTrainer`'s does; with `inference_with_ort`,
+    `predict_with_generate` generates in ONNX Runtime sessions (encoder, decoder, decoder with past)."""
 
     _args_class = ORTSeq2SeqTrainingArguments
 
