@@ -113,10 +113,10 @@ def _output_dir_argument(argv: list) -> Path | None:
     return None
 
 
-def start(data_arguments_class):
+def start(data_arguments_class, training_arguments_class=ORTTrainingArguments):
     """What every script does first: parse its options (model, data, training), set up logging, find the
     checkpoint to resume from, seed. Returns the three argument objects and the checkpoint."""
-    model_args, data_args, training_args = parse_arguments(ModelArguments, data_arguments_class, ORTTrainingArguments)
+    model_args, data_args, training_args = parse_arguments(ModelArguments, data_arguments_class, training_arguments_class)
     setup_logging(training_args)
     checkpoint = last_checkpoint(training_args)
     set_seed(training_args.seed)
@@ -215,15 +215,20 @@ def load_tokenizer(model_args, texts, config, **tokenizer_kwargs):
     `texts`, an iterable of strings (no download needed), for inputs as long as `config` allows."""
     if model_args.train_tokenizer:
         max_length = getattr(config, "max_position_embeddings", None) or 512
-        return train_wordpiece_tokenizer(texts, model_args.tokenizer_vocab_size, max_length)
+        seq2seq = getattr(config, "is_encoder_decoder", False)
+        return train_wordpiece_tokenizer(texts, model_args.tokenizer_vocab_size, max_length, seq2seq)
     name = model_args.tokenizer_name or model_args.model_name_or_path
     return AutoTokenizer.from_pretrained(name, **tokenizer_kwargs, **model_args.hub_kwargs())
 
 
-def train_wordpiece_tokenizer(texts, vocab_size: int, model_max_length: int) -> PreTrainedTokenizerFast:
+def train_wordpiece_tokenizer(
+    texts, vocab_size: int, model_max_length: int, seq2seq: bool = False
+) -> PreTrainedTokenizerFast:
     """A BERT-style uncased WordPiece tokenizer for `texts`: its vocabulary is every character (alone and as a
     `##` continuation) plus the most frequent words, ties broken alphabetically. Unlike `tokenizers`' trainer, whose
-    ties depend on hashing, it is the same in every process, which distributed ranks need."""
+    ties depend on hashing, it is the same in every process, which distributed ranks need. The special tokens have
+    ids 0 to 4 ([PAD], [UNK], [CLS], [SEP], [MASK]); for `seq2seq` models, texts end with [SEP] as their
+    end-of-sequence token and [CLS] is the beginning-of-sequence token."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
@@ -237,14 +242,20 @@ def train_wordpiece_tokenizer(texts, vocab_size: int, model_max_length: int) -> 
     vocab = {token: index for index, token in enumerate(pieces + words[: max(vocab_size - len(pieces), 0)])}
     tokenizer = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
     tokenizer.normalizer, tokenizer.pre_tokenizer, tokenizer.decoder = normalizer, pre_tokenizer, decoders.WordPiece()
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
-    )
+    if seq2seq:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="$A [SEP]", pair="$A [SEP] $B:1 [SEP]:1", special_tokens=[("[SEP]", vocab["[SEP]"])]
+        )
+        roles = {"eos_token": "[SEP]", "bos_token": "[CLS]", "model_input_names": ["input_ids", "attention_mask"]}
+    else:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+        )
+        roles = {"model_input_names": ["input_ids", "token_type_ids", "attention_mask"]}
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", model_input_names=["input_ids", "token_type_ids", "attention_mask"],
-        model_max_length=model_max_length,
+        mask_token="[MASK]", model_max_length=model_max_length, **roles,
     )
 
 
@@ -270,11 +281,12 @@ def train(trainer, training_args, checkpoint: str | None, train_samples: int) ->
     trainer.save_state()
 
 
-def evaluate(trainer, eval_datasets: dict, metric_prefix="eval") -> dict:
-    """Evaluate each data set, keyed by the suffix of its metric names ("" for none, "mm" for MNLI mismatched)."""
+def evaluate(trainer, eval_datasets: dict, metric_prefix="eval", **evaluate_kwargs) -> dict:
+    """Evaluate each data set, keyed by the suffix of its metric names ("" for none, "mm" for MNLI mismatched);
+    `evaluate_kwargs` go to `trainer.evaluate` (e.g. generation's `max_length` and `num_beams`)."""
     all_metrics = {}
     for suffix, dataset in eval_datasets.items():
-        metrics = trainer.evaluate(eval_dataset=dataset)
+        metrics = trainer.evaluate(eval_dataset=dataset, **evaluate_kwargs)
         metrics[f"{metric_prefix}_samples"] = len(dataset)
         if suffix:
             metrics = {f"{key}_{suffix}": value for key, value in metrics.items()}

@@ -4,6 +4,7 @@ each later step with the past keys and values), put in place of the model's own 
 token comes out of ONNX Runtime, and each new token costs one decoder step."""
 
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +115,14 @@ def export_seq2seq(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             onnx.export_module(module.eval(), args, input_names, output_names, axes, directory / f"{name}.onnx")
 
 
+class _Cache(EncoderDecoderCache):
+    """Beam search reorders rows only among the beams of one sentence, whose cross-attention keys and values are
+    equal copies of the same encoder output: only the self-attention cache needs reordering."""
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        self.self_attention_cache.reorder_cache(beam_idx)
+
+
 @dataclass
 class ONNXSeq2SeqModel:
     """The encoder and decoder sessions of an exported sequence-to-sequence model."""
@@ -142,7 +151,7 @@ class ONNXSeq2SeqModel:
         }
         if cache is None or cache.get_seq_length() == 0:
             logits, *present = self.decoder(inputs).values()
-            return logits, EncoderDecoderCache([present[i : i + 4] for i in range(0, len(present), 4)])
+            return logits, _Cache([present[i : i + 4] for i in range(0, len(present), 4)])
         layers = [(key, value, cross_key, cross_value) for key, value, _, cross_key, cross_value, _ in cache]
         names = _past_names(len(layers), "past", with_cross=True)
         inputs |= dict(zip(names, (tensor for layer in layers for tensor in layer)))
@@ -183,7 +192,8 @@ def running_in_session(model, onnx_model: ONNXSeq2SeqModel):
     own modules are not called."""
     saved = {name: model.__dict__[name] for name in ("forward", "get_encoder") if name in model.__dict__}
     encoder = _EncoderInSession(onnx_model)
-    model.forward = lambda *args, **kwargs: onnx_model.forward(model, *args, **kwargs)
+    # With the model's signature, which `generate` checks its arguments against.
+    model.forward = functools.wraps(model.forward)(lambda *args, **kwargs: onnx_model.forward(model, *args, **kwargs))
     model.get_encoder = lambda *args, **kwargs: encoder
     try:
         yield
@@ -200,7 +210,7 @@ def load_seq2seq_onnx_model(model, input_ids, attention_mask, directory: Path, f
     provider = onnx.select_provider(device, onnxruntime_providers())
     directory = Path(directory)
     fp16 = fp16 and provider == "CUDAExecutionProvider"
-    key = onnx.export_key(model, graphs=GRAPHS, provider=provider, fp16=fp16)
+    key = onnx.export_key(model, graphs=list(GRAPHS), provider=provider, fp16=fp16)
 
     def export() -> list:
         export_seq2seq(model, input_ids, attention_mask, directory)

@@ -46,3 +46,10 @@ def seqeval_metrics(predictions: list, references: list, entity_level: bool = Fa
             for name in ("precision", "recall", "f1-score", "support"):
                 results[f"{entity}_{name.replace('-score', '').replace('support', 'number')}"] = scores[name]
     return {key: float(value) for key, value in results.items()}
+
+
+def sacrebleu_metrics(predictions: list, references: list) -> dict:
+    """Corpus BLEU as the `sacrebleu` metric of `evaluate` reports its score, one reference per sentence."""
+    import sacrebleu
+
+    return {"bleu": sacrebleu.corpus_bleu(predictions, [references]).score}
