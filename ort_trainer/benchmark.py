@@ -26,7 +26,10 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SCRIPTS = {
     "text-classification": EXAMPLES / "text-classification" / "run_glue.py",
     "token-classification": EXAMPLES / "token-classification" / "run_ner.py",
+    "translation": EXAMPLES / "translation" / "run_translation.py",
 }
+# Translation trains on the shipped English-Toy corpus.
+TRANSLATION_DATA = EXAMPLES / "translation" / "data" / "en-toy"
 # The published sizes; dropout off so that both backends compute the same losses.
 ARCHITECTURES = {
     "tiny": dict(model_type="bert", hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
@@ -34,7 +37,12 @@ ARCHITECTURES = {
     "bert-large-cased": dict(model_type="bert", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
     "roberta-base": dict(model_type="roberta", hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "roberta-large": dict(model_type="roberta", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    "t5-tiny": dict(model_type="t5", d_model=64, d_ff=128, d_kv=32, num_layers=2, num_heads=2),
+    "t5-small": dict(model_type="t5", d_model=512, d_ff=2048, d_kv=64, num_layers=6, num_heads=8),
+    "t5-large": dict(model_type="t5", d_model=1024, d_ff=4096, d_kv=64, num_layers=24, num_heads=16),
 }
+# T5 with the special token ids of the tokenizer that `--train_tokenizer` builds for sequence-to-sequence models.
+T5_SETTINGS = dict(dropout_rate=0.0, pad_token_id=0, eos_token_id=3, decoder_start_token_id=0)
 BACKENDS = {"PyTorch": ["--use_ort", "False"], "ONNX Runtime": ["--use_ort", "True", "--inference_with_ort"]}
 
 
@@ -58,7 +66,15 @@ def parse_args(argv=None):
 
 def write_synthetic_data(task: str, folder: Path, args) -> list:
     """Sentences of about `real_tokens` words from a fixed vocabulary; labels from the words, so both backends
-    learn the same thing. Returns the script arguments that point at the files."""
+    learn the same thing (translation takes the shipped corpus, cut to the sample counts). Returns the script
+    arguments that point at the files."""
+    if task == "translation":
+        return [
+            "--train_file", TRANSLATION_DATA / "train.json", "--validation_file", TRANSLATION_DATA / "validation.json",
+            "--max_train_samples", args.train_samples, "--max_eval_samples", args.eval_samples,
+            "--source_lang", "en", "--target_lang", "toy", "--predict_with_generate",
+            "--max_source_length", args.seq_length, "--max_target_length", args.seq_length,
+        ]
     rng = random.Random(0)
     vocabulary = [f"w{index}" for index in range(500)]
     folder.mkdir(parents=True, exist_ok=True)
@@ -78,8 +94,12 @@ def write_synthetic_data(task: str, folder: Path, args) -> list:
 def model_arguments(args, folder: Path) -> list:
     if args.model_name_or_path:
         return ["--model_name_or_path", args.model_name_or_path]
-    config = dict(ARCHITECTURES[args.model], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                  max_position_embeddings=max(512, args.seq_length + 2), vocab_size=1000)
+    config = ARCHITECTURES[args.model]
+    if config["model_type"] == "t5":
+        config = dict(config, **T5_SETTINGS)
+    else:
+        config = dict(config, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                      max_position_embeddings=max(512, args.seq_length + 2), vocab_size=1000)
     path = folder / "config.json"
     path.write_text(json.dumps(config))
     return ["--config_name", path, "--train_tokenizer"]
@@ -99,7 +119,7 @@ def run_backend(script: Path, arguments: list, output_dir: Path) -> dict:
     results = json.loads((output_dir / "all_results.json").read_text())
     return {
         "training_backend": _logged(r"Training backend: ([^\n]*?)\.(?:\s|$)", log_text),
-        "evaluation_backend": _logged(r"Evaluation backend: (ONNX Runtime on \w+)", log_text) or "PyTorch",
+        "evaluation_backend": _logged(r"Evaluation (?:and generation )?backend: (ONNX Runtime on \w+)", log_text) or "PyTorch",
         "results": results,
         "losses": [entry["loss"] for entry in history if "loss" in entry],
         "first_step_seconds": next(entry["first_step_seconds"] for entry in history if "first_step_seconds" in entry),
@@ -179,11 +199,13 @@ def main(argv=None):
     output_dir.mkdir(parents=True, exist_ok=True)
     arguments = [
         *model_arguments(args, output_dir), *write_synthetic_data(args.task, output_dir / "data", args),
-        "--do_train", "--do_eval", "--max_seq_length", args.seq_length, "--max_steps", args.max_steps,
+        "--do_train", "--do_eval", "--max_steps", args.max_steps,
         "--per_device_train_batch_size", args.batch_size, "--per_device_eval_batch_size", args.eval_batch_size,
         "--logging_steps", 1, "--save_strategy", "no", "--report_to", "none", "--seed", 0, "--overwrite_output_dir",
         "--ort_fallback", "pytorch", *(["--fp16"] if args.fp16 else []),
     ]
+    if args.task != "translation":
+        arguments += ["--max_seq_length", args.seq_length]
     if args.task == "text-classification":
         arguments += ["--pad_to_max_length", "True"]
     # The user's arguments come last, so that they win.

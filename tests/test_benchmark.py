@@ -23,3 +23,20 @@ def test_benchmark_writes_tables_json_and_chart(tmp_path):
     table = (tmp_path / "benchmark.md").read_text()
     assert "| tiny | ONNX Runtime (onnxruntime on cpu) |" in table and "Train throughput gain" in table
     assert (tmp_path / "benchmark.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_benchmark_of_translation_names_the_generation_backend(tmp_path):
+    benchmark.main(["--task", "translation", "--model", "t5-tiny", "--max_steps", "2", "--train_samples", "32",
+                    "--eval_samples", "16", "--seq_length", "24", "--output_dir", str(tmp_path),
+                    "--script_args", "--ort_fallback error"])
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    pytorch, ort = report["runs"]["PyTorch"], report["runs"]["ONNX Runtime"]
+    assert (pytorch["training_backend"], ort["training_backend"]) == ("PyTorch on cpu (`--use_ort False`)", "onnxruntime on cpu")
+    assert (pytorch["evaluation_backend"], ort["evaluation_backend"]) == ("PyTorch", "ONNX Runtime on CPUExecutionProvider")
+    for run in (pytorch, ort):
+        assert run["results"]["eval_gen_len"] > 0 and run["results"]["eval_bleu"] >= 0
+        assert run["eval_steady_samples_per_second"] > 0 and len(run["losses"]) == 2
+    # Dropout off: the same losses, and the same generated translations, so the same BLEU.
+    assert report["gain"]["max_loss_difference"] < 1e-4
+    assert ort["results"]["eval_bleu"] == pytorch["results"]["eval_bleu"]
+    assert "| t5-tiny | ONNX Runtime (onnxruntime on cpu) |" in (tmp_path / "benchmark.md").read_text()
