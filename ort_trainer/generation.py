@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import EncoderDecoderCache
+from transformers import Cache, EncoderDecoderCache
+from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
 from . import onnx
@@ -44,10 +45,9 @@ class _Decoder(torch.nn.Module):
             decoder_input_ids=decoder_input_ids, attention_mask=encoder_attention_mask,
             encoder_outputs=(encoder_hidden_states,), past_key_values=cache, use_cache=True, return_dict=True,
         )
-        present, new = [], decoder_input_ids.shape[1]
+        present = []
         for key, value, _, cross_key, cross_value, _ in outputs.past_key_values:
-            # With past: only this step's keys and values; the cache appends them, as in PyTorch.
-            present += [key[:, :, -new:], value[:, :, -new:]] if self.with_past else [key, value, cross_key, cross_value]
+            present += [key, value] if self.with_past else [key, value, cross_key, cross_value]
         return (outputs.logits, *present)
 
 
@@ -106,7 +106,7 @@ def export_seq2seq(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
              "encoder_hidden_states": sequence, "logits": {0: "batch", 1: "step"}}
             | {name: {0: "batch", 2: "source" if "cross" in name else "past"}
                for name in _past_names(layers, "past", with_cross=True)}
-            | {name: {0: "batch", 2: "step"} for name in _past_names(layers, "present", with_cross=False)},
+            | {name: {0: "batch", 2: "past + step"} for name in _past_names(layers, "present", with_cross=False)},
         ),
     }
     directory.mkdir(parents=True, exist_ok=True)
@@ -115,9 +115,38 @@ def export_seq2seq(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             onnx.export_module(module.eval(), args, input_names, output_names, axes, directory / f"{name}.onnx")
 
 
-class _Cache(EncoderDecoderCache):
-    """Beam search reorders rows only among the beams of one sentence, whose cross-attention keys and values are
-    equal copies of the same encoder output: only the self-attention cache needs reordering."""
+class _SessionLayer(DynamicLayer):
+    """A cache layer holding the keys and values a session returned, past ones included: kept as they are, where
+    PyTorch's layer would concatenate a copy."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
+        self.keys, self.values = key_states, value_states
+        return self.keys, self.values
+
+
+class _SessionLayers(Cache):
+    """Keys and values of every decoder layer, as sessions return them."""
+
+    def __init__(self, keys_and_values: list):
+        super().__init__(layers=[_SessionLayer() for _ in keys_and_values])
+        for index, (key, value) in enumerate(keys_and_values):
+            self.update(key, value, index)
+
+    def __iter__(self):  # as `DynamicCache` iterates, which `EncoderDecoderCache` relies on
+        for layer in self.layers:
+            yield layer.keys, layer.values, None
+
+
+class _SessionCache(EncoderDecoderCache):
+    """The decoder sessions' keys and values, for `generate` to carry between steps. Beam search reorders rows only
+    among the beams of one sentence, whose cross-attention keys and values are equal copies of one encoder output:
+    only the self-attention part needs reordering."""
+
+    def __init__(self, layers: list):
+        self_attention = _SessionLayers([(key, value) for key, value, _, _ in layers])
+        cross_attention = _SessionLayers([(cross_key, cross_value) for _, _, cross_key, cross_value in layers])
+        super().__init__(self_attention, cross_attention)
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         self.self_attention_cache.reorder_cache(beam_idx)
@@ -144,14 +173,14 @@ class ONNXSeq2SeqModel:
 
     def decode(self, decoder_input_ids, encoder_attention_mask, encoder_hidden_states, cache: EncoderDecoderCache):
         """Logits for `decoder_input_ids` and the cache with their keys and values: the first step when `cache`
-        is empty, else one step per new token with the cached ones."""
+        is empty, else one step per new token with the cached ones (the session returns the past with the new)."""
         inputs = {
             "decoder_input_ids": decoder_input_ids, "encoder_attention_mask": encoder_attention_mask,
             "encoder_hidden_states": encoder_hidden_states,
         }
         if cache is None or cache.get_seq_length() == 0:
             logits, *present = self.decoder(inputs).values()
-            return logits, _Cache([present[i : i + 4] for i in range(0, len(present), 4)])
+            return logits, _SessionCache([present[i : i + 4] for i in range(0, len(present), 4)])
         layers = [(key, value, cross_key, cross_value) for key, value, _, cross_key, cross_value, _ in cache]
         names = _past_names(len(layers), "past", with_cross=True)
         inputs |= dict(zip(names, (tensor for layer in layers for tensor in layer)))

@@ -2,6 +2,7 @@
 run batches of any size and length. Works with every ONNX Runtime build (plain, -gpu, -training)."""
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import json
@@ -135,6 +136,9 @@ def create_inference_session(path: Path, provider: str, device: torch.device):
     onnxruntime = _ort()
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # ORT's threads spin for work after each run by default, taking the cores from the PyTorch code that runs
+    # between sessions (collation, metrics, generation's search).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     provider_options = [{"device_id": str(device.index or 0)}] if provider == "CUDAExecutionProvider" else [{}]
     return onnxruntime.InferenceSession(str(path), options, providers=[provider], provider_options=provider_options)
 
@@ -154,17 +158,20 @@ class ONNXModel:
     def open(cls, path: Path, provider: str, device: torch.device, optimization: str = ""):
         return cls(create_inference_session(path, provider, device), path, provider, device, optimization)
 
-    @property
+    @functools.cached_property
     def input_names(self) -> list:
         return [node.name for node in self.session.get_inputs()]
+
+    @functools.cached_property
+    def output_names(self) -> list:
+        return [node.name for node in self.session.get_outputs()]
 
     def __call__(self, inputs: dict) -> dict:
         feeds = {name: inputs[name] for name in self.input_names}
         if self.provider == "CUDAExecutionProvider":
             return self._run_with_io_binding(feeds)
-        names = [node.name for node in self.session.get_outputs()]
-        values = self.session.run(names, {name: tensor.cpu().numpy() for name, tensor in feeds.items()})
-        return {name: torch.from_numpy(value).to(self.device) for name, value in zip(names, values)}
+        values = self.session.run(self.output_names, {name: tensor.cpu().numpy() for name, tensor in feeds.items()})
+        return {name: torch.from_numpy(value).to(self.device) for name, value in zip(self.output_names, values)}
 
     def _run_with_io_binding(self, feeds: dict) -> dict:
         """Inputs read from and outputs written to torch tensors on the GPU: no host round trip per batch."""
@@ -181,14 +188,16 @@ class ONNXModel:
         return outputs
 
     def _output_shapes(self, feeds: dict) -> dict:
-        """Each output's shape and type, its dynamic axes sized by the inputs' axes of the same name."""
+        """Each output's shape and type, its dynamic axes sized by the inputs' axes of the same name; an axis
+        named "past + step" is as long as those two together."""
         sizes = {}
         for node in self.session.get_inputs():
             sizes |= {axis: size for axis, size in zip(node.shape, feeds[node.name].shape) if isinstance(axis, str)}
-        return {
-            node.name: ([sizes[axis] if isinstance(axis, str) else axis for axis in node.shape], ONNX_TYPES[node.type])
-            for node in self.session.get_outputs()
-        }
+
+        def size(axis):
+            return sum(sizes[part.strip()] for part in axis.split("+")) if isinstance(axis, str) else axis
+
+        return {node.name: ([size(axis) for axis in node.shape], ONNX_TYPES[node.type]) for node in self.session.get_outputs()}
 
 
 ONNX_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64}
