@@ -10,7 +10,9 @@ samples/s leave the export out.
     python -m ort_trainer.benchmark --model bert-base --task text-classification --output_dir out/bench
 
 `--model` takes a published size (random weights, synthetic data: no download) or, with `--model_name_or_path`,
-a real checkpoint and your data files through `--script_args`.
+a real checkpoint and your data files through `--script_args`. Where no ORT training build exists (CUDA 13 GPUs),
+`--compare trainer` runs a plain `transformers.Trainer` against `ORTTrainer`'s PyTorch path with ONNX Runtime
+inference: the trainer's overhead, and the inference gain.
 """
 
 import argparse
@@ -43,7 +45,22 @@ ARCHITECTURES = {
 }
 # T5 with the special token ids of the tokenizer that `--train_tokenizer` builds for sequence-to-sequence models.
 T5_SETTINGS = dict(dropout_rate=0.0, pad_token_id=0, eos_token_id=3, decoder_start_token_id=0)
-BACKENDS = {"PyTorch": ["--use_ort", "False"], "ONNX Runtime": ["--use_ort", "True", "--inference_with_ort"]}
+# What each comparison runs: a label, the script's extra flags, and whether to swap in the plain transformers
+# trainers. "trainer" is for machines without an ORT training build (such as CUDA 13 GPUs): ORTTrainer's PyTorch
+# path and ORT inference against a plain `transformers.Trainer`.
+COMPARISONS = {
+    "ort": {"PyTorch": (["--use_ort", "False"], False), "ONNX Runtime": (["--use_ort", "True", "--inference_with_ort"], False)},
+    "trainer": {
+        "transformers.Trainer": (["--use_ort", "False"], True),
+        "ORTTrainer": (["--use_ort", "False", "--inference_with_ort"], False),
+    },
+}
+# Runs an example script with `transformers.Trainer` and `Seq2SeqTrainer` in place of the ORT trainers.
+PLAIN_TRAINER = (
+    "import runpy, sys, transformers, ort_trainer; "
+    "ort_trainer.ORTTrainer, ort_trainer.Seq2SeqORTTrainer = transformers.Trainer, transformers.Seq2SeqTrainer; "
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
 
 
 def parse_args(argv=None):
@@ -59,6 +76,16 @@ def parse_args(argv=None):
     parser.add_argument("--eval_batch_size", type=int, default=32)
     parser.add_argument("--max_steps", type=int, default=10)
     parser.add_argument("--fp16", action="store_true")
+    parser.add_argument(
+        "--repeats", type=int, default=1,
+        help="Run each backend this many times, in turns, and report each one's median run by train samples/s "
+        "(for noisy machines).",
+    )
+    parser.add_argument(
+        "--compare", choices=list(COMPARISONS), default="ort",
+        help="ort: PyTorch against ONNX Runtime training and inference. trainer: a plain transformers.Trainer against "
+        "ORTTrainer's PyTorch path with ONNX Runtime inference (where no ORT training build exists).",
+    )
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--script_args", default="", help="More arguments for the example script, as one string.")
     return parser.parse_args(argv)
@@ -105,9 +132,11 @@ def model_arguments(args, folder: Path) -> list:
     return ["--config_name", path, "--train_tokenizer"]
 
 
-def run_backend(script: Path, arguments: list, output_dir: Path) -> dict:
-    """Run the script; return its results, the backends its log names, and its peak memory."""
-    command = [sys.executable, str(script), *map(str, arguments), "--output_dir", str(output_dir)]
+def run_backend(script: Path, arguments: list, output_dir: Path, plain_trainer: bool = False) -> dict:
+    """Run the script (with the plain transformers trainers if asked); return its results, the backends its log
+    names, and its peak memory."""
+    launcher = ["-c", PLAIN_TRAINER] if plain_trainer else []
+    command = [sys.executable, *launcher, str(script), *map(str, arguments), "--output_dir", str(output_dir)]
     log_path = output_dir.with_suffix(".log")
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -118,11 +147,12 @@ def run_backend(script: Path, arguments: list, output_dir: Path) -> dict:
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
     results = json.loads((output_dir / "all_results.json").read_text())
     return {
-        "training_backend": _logged(r"Training backend: ([^\n]*?)\.(?:\s|$)", log_text),
+        "training_backend": "PyTorch, transformers.Trainer" if plain_trainer else _logged(r"Training backend: ([^\n]*?)\.(?:\s|$)", log_text),
         "evaluation_backend": _logged(r"Evaluation (?:and generation )?backend: (ONNX Runtime on \w+)", log_text) or "PyTorch",
         "results": results,
         "losses": [entry["loss"] for entry in history if "loss" in entry],
-        "first_step_seconds": next(entry["first_step_seconds"] for entry in history if "first_step_seconds" in entry),
+        # Logged by the ORT trainers only.
+        "first_step_seconds": next((entry["first_step_seconds"] for entry in history if "first_step_seconds" in entry), None),
         "eval_steady_samples_per_second": _steady_eval_throughput(results),
         "peak_memory_mb": usage.ru_maxrss / 1024,
         "log": str(log_path),
@@ -140,6 +170,10 @@ def _logged(pattern: str, text: str) -> str:
     return match.group(1).strip() if match else ""
 
 
+def _seconds(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def gain(ort: float, pytorch: float, lower_is_better: bool) -> float:
     return 100 * ((pytorch - ort) / pytorch if lower_is_better else (ort - pytorch) / pytorch)
 
@@ -154,7 +188,7 @@ def markdown(report: dict) -> str:
         results = run["results"]
         rows.append(
             f"| {name} | {label} ({run['training_backend']}) | {results['train_runtime']:.1f} | "
-            f"{results['train_samples_per_second']:.2f} | {run['first_step_seconds']:.2f} | {run['evaluation_backend']} | "
+            f"{results['train_samples_per_second']:.2f} | {_seconds(run['first_step_seconds'])} | {run['evaluation_backend']} | "
             f"{run['eval_steady_samples_per_second']:.2f} | {results.get('eval_ort_setup_seconds', 0.0):.1f} | "
             f"{run['peak_memory_mb']:.0f} |"
         )
@@ -190,6 +224,18 @@ def plot(report: dict, path: Path):
     figure.savefig(path, dpi=100)
 
 
+def _median_run(runs: list) -> dict:
+    """The run with the median train samples/s, holding every run's figure too."""
+    ranked = sorted(runs, key=lambda run: run["results"]["train_samples_per_second"])
+    return dict(ranked[(len(ranked) - 1) // 2], train_samples_per_second_of_each_run=[
+        run["results"]["train_samples_per_second"] for run in runs
+    ])
+
+
+def _folder(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
+
+
 def main(argv=None):
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
@@ -209,19 +255,26 @@ def main(argv=None):
     if args.task == "text-classification":
         arguments += ["--pad_to_max_length", "True"]
     # The user's arguments come last, so that they win.
-    runs = {label: run_backend(script, [*arguments, *flags, *args.script_args.split()], output_dir / label.lower().replace(" ", "_"))
-            for label, flags in BACKENDS.items()}
-    pytorch, ort = runs["PyTorch"]["results"], runs["ONNX Runtime"]["results"]
+    all_runs = {label: [] for label in COMPARISONS[args.compare]}
+    for repeat in range(args.repeats):
+        for label, (flags, plain) in COMPARISONS[args.compare].items():
+            folder = output_dir / (_folder(label) + (f"_{repeat + 1}" if args.repeats > 1 else ""))
+            all_runs[label].append(run_backend(script, [*arguments, *flags, *args.script_args.split()], folder, plain))
+    runs = {label: _median_run(label_runs) for label, label_runs in all_runs.items()}
+    baseline, candidate = runs.values()  # the gains are the second run's over the first
     report = {
         "model": args.model_name_or_path or args.model, "task": args.task, "batch_size": args.batch_size,
-        "seq_length": args.seq_length, "real_tokens": args.real_tokens, "fp16": args.fp16, "runs": runs,
+        "seq_length": args.seq_length, "real_tokens": args.real_tokens, "fp16": args.fp16, "compare": args.compare,
+        "runs": runs,
         "gain": {
-            "latency_percent": gain(ort["train_runtime"], pytorch["train_runtime"], lower_is_better=True),
-            "train_throughput_percent": gain(ort["train_samples_per_second"], pytorch["train_samples_per_second"], False),
-            "eval_throughput_percent": gain(
-                runs["ONNX Runtime"]["eval_steady_samples_per_second"], runs["PyTorch"]["eval_steady_samples_per_second"], False
+            "latency_percent": gain(candidate["results"]["train_runtime"], baseline["results"]["train_runtime"], True),
+            "train_throughput_percent": gain(
+                candidate["results"]["train_samples_per_second"], baseline["results"]["train_samples_per_second"], False
             ),
-            "max_loss_difference": max(abs(a - b) for a, b in zip(runs["PyTorch"]["losses"], runs["ONNX Runtime"]["losses"])),
+            "eval_throughput_percent": gain(
+                candidate["eval_steady_samples_per_second"], baseline["eval_steady_samples_per_second"], False
+            ),
+            "max_loss_difference": max(abs(a - b) for a, b in zip(baseline["losses"], candidate["losses"])),
         },
     }
     (output_dir / "benchmark.json").write_text(json.dumps(report, indent=1))

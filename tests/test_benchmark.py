@@ -40,3 +40,19 @@ def test_benchmark_of_translation_names_the_generation_backend(tmp_path):
     assert report["gain"]["max_loss_difference"] < 1e-4
     assert ort["results"]["eval_bleu"] == pytorch["results"]["eval_bleu"]
     assert "| t5-tiny | ONNX Runtime (onnxruntime on cpu) |" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_benchmark_against_a_plain_transformers_trainer(tmp_path):
+    benchmark.main(["--model", "tiny", "--compare", "trainer", "--max_steps", "3", "--train_samples", "48",
+                    "--eval_samples", "40", "--output_dir", str(tmp_path)])
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    plain, ours = report["runs"]["transformers.Trainer"], report["runs"]["ORTTrainer"]
+    assert (plain["training_backend"], ours["training_backend"]) == (
+        "PyTorch, transformers.Trainer", "PyTorch on cpu (`--use_ort False`)"
+    )
+    assert (plain["evaluation_backend"], ours["evaluation_backend"]) == ("PyTorch", "ONNX Runtime on CPUExecutionProvider")
+    assert plain["first_step_seconds"] is None and ours["first_step_seconds"] > 0
+    # The same PyTorch training: the same losses, to the last bit.
+    assert plain["losses"] == ours["losses"] and len(ours["losses"]) == 3
+    assert ours["results"]["eval_accuracy"] == plain["results"]["eval_accuracy"]
+    assert "| tiny | transformers.Trainer (PyTorch, transformers.Trainer) | " in (tmp_path / "benchmark.md").read_text()

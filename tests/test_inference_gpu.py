@@ -55,3 +55,45 @@ def test_fp16_cuda_session_agrees_with_pytorch_fp16(head, tmp_path):
     keep = batch["attention_mask"].bool() if head == "token" else slice(None)
     agreement = (logits.argmax(-1)[keep] == expected.argmax(-1)[keep]).float().mean().item()
     assert agreement >= 0.999
+
+
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_cuda_generation_equals_pytorch(name, tmp_path):
+    from ort_trainer import generation
+
+    from .test_generation import padded_batch
+    from .tiny_models import tiny_model
+
+    model = tiny_model(name).cuda().eval()
+    sample = [tensor.cuda() for tensor in padded_batch(model, rows=2, length=7, seed=0)]
+    onnx_model = generation.load_seq2seq_onnx_model(model, *sample, tmp_path)
+    assert onnx_model.provider == "CUDAExecutionProvider"
+    input_ids, attention_mask = (tensor.cuda() for tensor in padded_batch(model, rows=5, length=13, seed=1))
+    for num_beams in (1, 4):
+        settings = {"min_new_tokens": 12, "max_new_tokens": 17, "num_beams": num_beams}
+        with torch.no_grad():
+            expected = model.generate(input_ids=input_ids, attention_mask=attention_mask, **settings)
+        with generation.running_in_session(model, onnx_model):
+            generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, **settings)
+        assert generated.is_cuda and torch.equal(generated, expected)
+
+
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_fp16_cuda_generation_agrees_with_pytorch_fp16(name, tmp_path):
+    from ort_trainer import generation
+
+    from .test_generation import padded_batch
+    from .tiny_models import tiny_model
+
+    model = tiny_model(name).cuda().eval()
+    input_ids, attention_mask = (tensor.cuda() for tensor in padded_batch(model, rows=16, length=13, seed=1))
+    onnx_model = generation.load_seq2seq_onnx_model(model, input_ids, attention_mask, tmp_path, fp16=True)
+    assert all(session.path.name.endswith("_fp16.onnx") for session in onnx_model.sessions)
+    settings = {"min_new_tokens": 12, "max_new_tokens": 12}
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+        expected = model.generate(input_ids=input_ids, attention_mask=attention_mask, **settings)
+    with generation.running_in_session(model, onnx_model):
+        generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, **settings)
+    agreement = (generated == expected).float().mean().item()
+    print(f"{name}: fp16 ORT and PyTorch fp16 autocast agree on {agreement:.1%} of generated tokens")
+    assert agreement >= 0.95
