@@ -42,7 +42,8 @@ def model_task(model: torch.nn.Module) -> str:
                 return task
     name = type(model).__name__
     raise ONNXExportError(
-        f"`--inference_with_ort` runs sequence and token classification models; {name} is neither. "
+        f"`--inference_with_ort` runs sequence and token classifiers and encoder-decoder language models; {name} is "
+        "none of these. "
         "To fix: evaluate it in PyTorch (drop `--inference_with_ort`)."
     )
 

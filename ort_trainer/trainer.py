@@ -261,7 +261,7 @@ class ORTTrainer(Trainer):
         # One rank exports (or reuses a current export); the others then load what it wrote. One per machine
         # when machines do not share the output folder (`--save_on_each_node`).
         with self.args.main_process_first(local=self.args.save_on_each_node, desc="ONNX export"):
-            if self.model.config.is_encoder_decoder:
+            if self.model.config.is_encoder_decoder and self.model.can_generate():
                 onnx_model = generation.load_seq2seq_onnx_model(
                     self.model, sample["input_ids"], sample["attention_mask"], directory, fp16=self.args.fp16
                 )

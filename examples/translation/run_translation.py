@@ -35,8 +35,8 @@ MULTILINGUAL_TOKENIZERS = [MBartTokenizer, MBartTokenizerFast, MBart50Tokenizer,
 class DataTrainingArguments(utils.DataPreparationArguments):
     """What data to train and evaluate on, and how to prepare it."""
 
-    source_lang: str = field(default=None, metadata={"help": "Source language id, e.g. en."})
-    target_lang: str = field(default=None, metadata={"help": "Target language id, e.g. ro."})
+    source_lang: str | None = field(default=None, metadata={"help": "Source language id, e.g. en."})
+    target_lang: str | None = field(default=None, metadata={"help": "Target language id, e.g. ro."})
     dataset_name: str | None = field(default=None, metadata={"help": "A Hub data set, e.g. wmt16."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "The data set's configuration, e.g. ro-en."})
     train_file: str | None = field(default=None, metadata={"help": "A jsonlines file of training pairs."})
