@@ -121,16 +121,31 @@ def _ort():
     return onnxruntime
 
 
-def select_provider(device: torch.device, available: tuple) -> str:
-    """CUDA when the model is on a GPU and this ONNX Runtime build has it, else the CPU."""
-    if device.type == "cuda":
-        if "CUDAExecutionProvider" in available:
-            return "CUDAExecutionProvider"
-        logger.warning(
-            "The model is on %s, but the installed ONNX Runtime has no CUDAExecutionProvider: evaluating with ONNX "
-            "Runtime on the CPU. To evaluate on the GPU: pip install onnxruntime-gpu.", device
+def select_provider(device: torch.device, available: tuple, without_cuda: str = "cpu") -> str | None:
+    """CUDA when the model is on a GPU and this ONNX Runtime build has it. A model on a GPU that this build cannot
+    run evaluates with ONNX Runtime on the CPU (`without_cuda="cpu"`) or, for `"pytorch"`, in PyTorch: None."""
+    if device.type != "cuda":
+        return "CPUExecutionProvider"
+    if "CUDAExecutionProvider" in available:
+        return "CUDAExecutionProvider"
+    if without_cuda == "pytorch":
+        _warn_once(
+            f"The model is on {device}, but the installed ONNX Runtime has no CUDAExecutionProvider: evaluating in "
+            "PyTorch (`--ort_inference_without_cuda pytorch`). To evaluate with ONNX Runtime on the GPU: pip install "
+            "onnxruntime-gpu."
         )
+        return None
+    _warn_once(
+        f"The model is on {device}, but the installed ONNX Runtime has no CUDAExecutionProvider: evaluating with ONNX "
+        "Runtime on the CPU. To evaluate on the GPU: pip install onnxruntime-gpu; to evaluate in PyTorch instead: "
+        "`--ort_inference_without_cuda pytorch`."
+    )
     return "CPUExecutionProvider"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    logger.warning(message)
 
 
 def create_inference_session(path: Path, provider: str, device: torch.device):

@@ -22,6 +22,7 @@ import torch
 from transformers import PreTrainedModel, Seq2SeqTrainer, Trainer, TrainingArguments
 
 from . import generation, onnx, ortmodule
+from .import_utils import onnxruntime_providers
 from .training_args import ORT_FUSED_ADAM, ORTSeq2SeqTrainingArguments, ORTTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -239,8 +240,16 @@ class ORTTrainer(Trainer):
         # The first step includes ORT's export and graph build: recorded apart, for benchmarks.
         self.log({"first_step_seconds": round(first_step_seconds, 3)})
 
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+    def _inference_in_ort(self) -> bool:
+        """`--inference_with_ort`, unless the model is on a GPU this ONNX Runtime cannot use and
+        `--ort_inference_without_cuda pytorch` asks for PyTorch then."""
         if not self.args.inference_with_ort:
+            return False
+        available = onnxruntime_providers()
+        return onnx.select_provider(self.args.device, available, self.args.ort_inference_without_cuda) is not None
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+        if not self._inference_in_ort():
             return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         start = time.perf_counter()
         self._onnx_model = self._load_onnx_model(dataloader)
@@ -298,7 +307,7 @@ class ORTTrainer(Trainer):
         return trim_padding(model_inputs) if self._can_trim_padding() else model_inputs
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
-        if not self.args.inference_with_ort:
+        if not self.args.inference_with_ort or self._onnx_model is None:  # PyTorch, asked for or as the fallback
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys, **gen_kwargs)
         if isinstance(self._onnx_model, generation.ONNXSeq2SeqModel):
             # `Seq2SeqTrainer` generates and computes the loss as always; the model's forward and encoder are the

@@ -71,7 +71,16 @@ class ORTTrainingArguments(TrainingArguments):
         default=False,
         metadata={
             "help": "Evaluate and predict with the exported ONNX model in an onnxruntime.InferenceSession instead "
-            "of PyTorch (sequence and token classification). Works with any ONNX Runtime build."
+            "of PyTorch (sequence and token classification, and sequence-to-sequence generation). Works with any "
+            "ONNX Runtime build."
+        },
+    )
+    ort_inference_without_cuda: str = field(
+        default="cpu",
+        metadata={
+            "help": "With `--inference_with_ort`, when the model is on a GPU but the installed ONNX Runtime has no "
+            "CUDAExecutionProvider: `cpu` evaluates with ONNX Runtime on the CPU, `pytorch` in PyTorch on the GPU.",
+            "choices": ["cpu", "pytorch"],
         },
     )
     overwrite_output_dir: bool = field(

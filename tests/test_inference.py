@@ -125,14 +125,24 @@ def test_model_that_cannot_be_exported_names_the_operator(tmp_path):
 
 
 def test_provider_follows_the_model_device_and_the_installed_build(caplog):
-    from ort_trainer.onnx import select_provider
+    from ort_trainer.onnx import _warn_once, select_provider
 
-    both = ("CUDAExecutionProvider", "CPUExecutionProvider")
+    _warn_once.cache_clear()
+    both, cpu_only = ("CUDAExecutionProvider", "CPUExecutionProvider"), ("CPUExecutionProvider",)
     assert select_provider(torch.device("cuda", 1), both) == "CUDAExecutionProvider"
     assert select_provider(torch.device("cpu"), both) == "CPUExecutionProvider"
+    assert select_provider(torch.device("cpu"), cpu_only, without_cuda="pytorch") == "CPUExecutionProvider"
     with caplog.at_level("WARNING"):
-        assert select_provider(torch.device("cuda", 0), ("CPUExecutionProvider",)) == "CPUExecutionProvider"
-    assert "no CUDAExecutionProvider: evaluating with ONNX Runtime on the CPU. To evaluate on the GPU: pip install onnxruntime-gpu." in caplog.text
+        assert select_provider(torch.device("cuda", 0), cpu_only) == "CPUExecutionProvider"
+        assert select_provider(torch.device("cuda", 0), cpu_only) == "CPUExecutionProvider"
+        assert select_provider(torch.device("cuda", 0), cpu_only, without_cuda="pytorch") is None
+    assert caplog.messages == [
+        "The model is on cuda:0, but the installed ONNX Runtime has no CUDAExecutionProvider: evaluating with ONNX "
+        "Runtime on the CPU. To evaluate on the GPU: pip install onnxruntime-gpu; to evaluate in PyTorch instead: "
+        "`--ort_inference_without_cuda pytorch`.",
+        "The model is on cuda:0, but the installed ONNX Runtime has no CUDAExecutionProvider: evaluating in PyTorch "
+        "(`--ort_inference_without_cuda pytorch`). To evaluate with ONNX Runtime on the GPU: pip install onnxruntime-gpu.",
+    ]
 
 
 def test_cpu_sessions_stay_fp32_even_when_fp16_is_asked(tmp_path):
