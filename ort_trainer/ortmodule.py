@@ -164,6 +164,24 @@ def _fix_disabled_label_sparsity_hook():
     GraphTransitionManager._add_check_label_sparsity_hook = staticmethod(_add_check_label_sparsity_hook)
 
 
+def _stop_spinning_between_runs():
+    """ORT's CPU threads spin for work after each forward and backward run by default, taking the cores from the
+    PyTorch code in between (loss, autograd, optimizer step)."""
+    from onnxruntime.training.ortmodule._graph_execution_manager import GraphExecutionManager
+
+    get_session_config = GraphExecutionManager._get_session_config
+    if getattr(get_session_config, "_ort_trainer_patched", False):
+        return
+
+    def _get_session_config(self):
+        session_options, providers, provider_options = get_session_config(self)
+        session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return session_options, providers, provider_options
+
+    _get_session_config._ort_trainer_patched = True
+    GraphExecutionManager._get_session_config = _get_session_config
+
+
 def _ort_symbolics(register: bool, opset: int):
     from onnxruntime.tools import pytorch_export_contrib_ops
     from onnxruntime.training.ortmodule._custom_op_symbolic_registry import CustomOpSymbolicRegistry
@@ -219,6 +237,7 @@ def load_ortmodule():
     _use_torchscript_exporter()
     _fix_disabled_label_sparsity_hook()
     _keep_ort_symbolics_inside_its_exports()
+    _stop_spinning_between_runs()
     return ortmodule.ORTModule
 
 

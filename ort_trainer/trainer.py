@@ -234,7 +234,7 @@ class ORTTrainer(Trainer):
             logger.info("Training backend: %s on %s.", status.backend, device)
             if device.type == "cpu":
                 logger.info(
-                    "On CPU, ONNX Runtime trains a BERT-base about 0.85x as fast as PyTorch on the same tokens; its "
+                    "On CPU, ONNX Runtime trains a BERT-base about 0.9x as fast as PyTorch on the same tokens; its "
                     "gain comes from `--ort_trim_padding` on padded batches (see docs/benchmarks.md)."
                 )
         # The first step includes ORT's export and graph build: recorded apart, for benchmarks.
