@@ -5,7 +5,6 @@ token comes out of ONNX Runtime, and each new token costs one decoder step."""
 
 import contextlib
 import functools
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +16,12 @@ from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from . import onnx
 from .import_utils import onnxruntime_providers
 
-logger = logging.getLogger(__name__)
-
 GRAPHS = ("encoder", "decoder", "decoder_with_past")
 
 
 class _Encoder(torch.nn.Module):
+    """The encoder alone, returning its last hidden state."""
+
     def __init__(self, model):
         super().__init__()
         self.encoder = model.get_encoder()
@@ -62,15 +61,18 @@ def _decoder_layers(model) -> int:
 
 
 @contextlib.contextmanager
-def _eager_attention(model):
-    """Export with eager attention: SDPA's masking shortcuts are decided in Python and would be traced as
-    constants of the sample's shape."""
-    attention = model.config._attn_implementation
+def _exportable(model):
+    """In eval mode, without gradients, with eager attention (SDPA's masking shortcuts are decided in Python and
+    would be traced as constants of the sample's shape); the model's own settings come back afterwards."""
+    attention, was_training = model.config._attn_implementation, model.training
     model.set_attn_implementation("eager")
+    model.eval()
     try:
-        yield
+        with torch.no_grad():
+            yield
     finally:
         model.set_attn_implementation(attention)
+        model.train(was_training)
 
 
 def export_seq2seq(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, directory: Path) -> None:
@@ -78,8 +80,8 @@ def export_seq2seq(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     layers = _decoder_layers(model)
     batch = input_ids.shape[0]
     start = torch.full((batch, 2), model.config.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
-    with torch.no_grad(), _eager_attention(model):
-        hidden = _Encoder(model).eval()(input_ids, attention_mask)
+    with _exportable(model):
+        hidden = _Encoder(model)(input_ids, attention_mask)
         first = _Decoder(model, with_past=False)(start, attention_mask, hidden)
     step = start[:, :1]
     sequence = {0: "batch", 1: "source"}
@@ -110,9 +112,9 @@ def export_seq2seq(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         ),
     }
     directory.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), _eager_attention(model):
+    with _exportable(model):
         for name, (module, args, input_names, output_names, axes) in specs.items():
-            onnx.export_module(module.eval(), args, input_names, output_names, axes, directory / f"{name}.onnx")
+            onnx.export_module(module, args, input_names, output_names, axes, directory / f"{name}.onnx")
 
 
 class _SessionLayer(DynamicLayer):

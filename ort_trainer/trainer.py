@@ -7,7 +7,8 @@ Only hooks are overridden, each around a `super()` call (written against transfo
 - `training_step` drops all-padding columns, and on the first step reports which backend really ran (or why
   ORT could not, then fails or falls back to PyTorch);
 - `train` and `_save` switch the model to what ORT can differentiate for training and back;
-- `evaluation_loop` and `prediction_step` run `--inference_with_ort` in an InferenceSession.
+- `evaluation_loop` and `prediction_step` run `--inference_with_ort` in an InferenceSession; for
+  sequence-to-sequence models `Seq2SeqTrainer`'s generation runs with ONNX Runtime sessions in place of the model.
 `self.model` stays the plain model, so checkpoints are ordinary Hugging Face checkpoints.
 """
 

@@ -84,9 +84,11 @@ def test_onnx_forward_gives_the_models_loss_and_logits(name, tmp_path):
     assert outputs.loss.item() == pytest.approx(expected.loss.item(), abs=1e-5)
 
 
-def test_the_models_own_forward_comes_back(tmp_path):
-    model = tiny_model("t5").eval()
+def test_the_models_own_forward_and_settings_come_back(tmp_path):
+    model = tiny_model("t5").train()
+    attention = model.config._attn_implementation
     onnx_model = generation.load_seq2seq_onnx_model(model, *padded_batch(model, 2, 7, seed=0), tmp_path)
+    assert model.training and model.config._attn_implementation == attention  # exported in eval, eager: restored
     with generation.running_in_session(model, onnx_model):
         assert "forward" in vars(model) and "get_encoder" in vars(model)
     assert "forward" not in vars(model) and "get_encoder" not in vars(model)
