@@ -7,7 +7,7 @@ import pytest
 
 from ort_trainer import example_utils
 
-from .example_scripts import EXAMPLES, common, run_script
+from .example_scripts import EXAMPLES, common, load_script, run_script
 from .tiny_models import tiny_model
 
 EXAMPLE = EXAMPLES / "translation"
@@ -137,3 +137,14 @@ def test_pretrained_t5_without_source_prefix_warns_as_upstream(monkeypatch, tmp_
         "You're running a t5 model but didn't provide a source prefix, which is expected, e.g. with "
         "`--source_prefix 'translate English to German: ' `"
     ) in caplog.text
+
+
+def test_hub_data_is_checked_by_its_declared_languages():
+    from datasets import Dataset, DatasetDict, Features, Translation
+
+    check_languages = load_script(EXAMPLE / "run_translation.py").check_languages
+    features = Features({"translation": Translation(languages=["en", "ro"])})
+    data = DatasetDict(train=Dataset.from_dict({"translation": [{"en": "a cat", "ro": "o pisică"}]}, features=features))
+    check_languages(data, "en", "ro")
+    with pytest.raises(ValueError, match=r"^`--target_lang de` is not in the train data, whose languages are en, ro\.$"):
+        check_languages(data, "en", "de")

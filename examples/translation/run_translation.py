@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
+from datasets import Translation
 from transformers import (
     AutoModelForSeq2SeqLM,
     DataCollatorForSeq2Seq,
@@ -84,18 +85,23 @@ class DataTrainingArguments(utils.DataPreparationArguments):
 
 
 def check_languages(raw_datasets, source_lang: str, target_lang: str) -> None:
-    """Every row has a text in both languages: else name the language or the line that lacks it."""
+    """Every row has a text in both languages: else name the language or the line that lacks it. Hub data sets
+    declare their languages (a `Translation` feature) and are checked by that alone."""
     for split, dataset in raw_datasets.items():
         if "translation" not in dataset.column_names:
             raise ValueError(f"The {split} data has no `translation` column (columns: {', '.join(dataset.column_names)}).")
-        pairs = dataset["translation"]
-        languages = sorted({language for pair in pairs for language, text in pair.items() if text is not None})
+        feature = dataset.features["translation"]
+        pairs = None if isinstance(feature, Translation) else dataset["translation"]
+        if pairs is None:
+            languages = sorted(feature.languages)
+        else:
+            languages = sorted({language for pair in pairs for language, text in pair.items() if text is not None})
         for flag, language in (("source_lang", source_lang), ("target_lang", target_lang)):
             if language not in languages:
                 raise ValueError(
                     f"`--{flag} {language}` is not in the {split} data, whose languages are {', '.join(languages)}."
                 )
-        for line, pair in enumerate(pairs, start=1):
+        for line, pair in enumerate(pairs or [], start=1):
             missing = [language for language in (source_lang, target_lang) if not pair.get(language)]
             if missing:
                 raise ValueError(f"Line {line} of the {split} data has no {missing[0]!r} text.")
