@@ -91,7 +91,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def write_synthetic_data(task: str, folder: Path, args) -> list:
+def data_arguments(task: str, folder: Path, args) -> list:
     """Sentences of about `real_tokens` words from a fixed vocabulary; labels from the words, so both backends
     learn the same thing (translation takes the shipped corpus, cut to the sample counts). Returns the script
     arguments that point at the files."""
@@ -244,7 +244,7 @@ def main(argv=None):
         sys.exit(f"benchmark: error: {script} not found: run the benchmark from a checkout of the ort_trainer repository.")
     output_dir.mkdir(parents=True, exist_ok=True)
     arguments = [
-        *model_arguments(args, output_dir), *write_synthetic_data(args.task, output_dir / "data", args),
+        *model_arguments(args, output_dir), *data_arguments(args.task, output_dir / "data", args),
         "--do_train", "--do_eval", "--max_steps", args.max_steps,
         "--per_device_train_batch_size", args.batch_size, "--per_device_eval_batch_size", args.eval_batch_size,
         "--logging_steps", 1, "--save_strategy", "no", "--report_to", "none", "--seed", 0, "--overwrite_output_dir",

@@ -64,15 +64,13 @@ def _decoder_layers(model) -> int:
 def _exportable(model):
     """In eval mode, without gradients, with eager attention (SDPA's masking shortcuts are decided in Python and
     would be traced as constants of the sample's shape); the model's own settings come back afterwards."""
-    attention, was_training = model.config._attn_implementation, model.training
+    attention = model.config._attn_implementation
     model.set_attn_implementation("eager")
-    model.eval()
     try:
-        with torch.no_grad():
+        with onnx.evaluating(model):
             yield
     finally:
         model.set_attn_implementation(attention)
-        model.train(was_training)
 
 
 def export_seq2seq(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, directory: Path) -> None:

@@ -78,14 +78,21 @@ def export_onnx(model: torch.nn.Module, sample_inputs: dict, path: Path) -> Path
     parameters = list(inspect.signature(model.forward).parameters)
     input_names = sorted(sample_inputs, key=parameters.index)
     dynamic_axes = {name: {0: "batch", 1: "sequence"} for name in input_names} | outputs
+    with evaluating(model):
+        export_module(model, sample_inputs, input_names, list(outputs), dynamic_axes, path)
+    return path
+
+
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module):
+    """Eval mode without gradients, for exports; the model's own mode comes back afterwards."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            export_module(model, sample_inputs, input_names, list(outputs), dynamic_axes, path)
+            yield
     finally:
         model.train(was_training)
-    return path
 
 
 def export_module(module, inputs, input_names: list, output_names: list, dynamic_axes: dict, path: Path) -> None:
@@ -203,17 +210,25 @@ class ONNXModel:
         self.session.run_with_iobinding(binding)
         return outputs
 
+    @functools.cached_property
+    def _axes(self) -> tuple:
+        """The inputs' axes, and the outputs' axes and types, read from the session once (it runs every step)."""
+        inputs = {node.name: node.shape for node in self.session.get_inputs()}
+        outputs = {node.name: (node.shape, ONNX_TYPES[node.type]) for node in self.session.get_outputs()}
+        return inputs, outputs
+
     def _output_shapes(self, feeds: dict) -> dict:
         """Each output's shape and type, its dynamic axes sized by the inputs' axes of the same name; an axis
         named "past + step" is as long as those two together."""
+        input_axes, output_axes = self._axes
         sizes = {}
-        for node in self.session.get_inputs():
-            sizes |= {axis: size for axis, size in zip(node.shape, feeds[node.name].shape) if isinstance(axis, str)}
+        for name, axes in input_axes.items():
+            sizes |= {axis: size for axis, size in zip(axes, feeds[name].shape) if isinstance(axis, str)}
 
         def size(axis):
             return sum(sizes[part.strip()] for part in axis.split("+")) if isinstance(axis, str) else axis
 
-        return {node.name: ([size(axis) for axis in node.shape], ONNX_TYPES[node.type]) for node in self.session.get_outputs()}
+        return {name: ([size(axis) for axis in axes], dtype) for name, (axes, dtype) in output_axes.items()}
 
 
 ONNX_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64}

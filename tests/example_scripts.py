@@ -15,6 +15,11 @@ def run_script(monkeypatch, script: Path, *args):
     example_utils.run(load_script(script).main)
 
 
+def data_files(folder: Path, *splits, suffix="json") -> list:
+    """`--train_file folder/train.json ...`: the script arguments of the named splits' files."""
+    return [arg for split in splits for arg in (f"--{split}_file", folder / f"{split}.{suffix}")]
+
+
 def load_script(script: Path):
     spec = importlib.util.spec_from_file_location(script.stem, script)
     module = importlib.util.module_from_spec(spec)

@@ -1,11 +1,12 @@
 """run_glue.py end to end on the shipped sentiment data, and its answers to bad input."""
 
+import functools
 import json
 from pathlib import Path
 
 import pytest
 
-from .example_scripts import EXAMPLES, common, run_script
+from .example_scripts import EXAMPLES, common, data_files, run_script
 
 DATA = EXAMPLES / "text-classification" / "data" / "sentiment"
 MODEL_CONFIG = EXAMPLES / "text-classification" / "demo" / "bert-mini.json"
@@ -15,8 +16,7 @@ def run_glue(monkeypatch, *args):
     run_script(monkeypatch, EXAMPLES / "text-classification" / "run_glue.py", *args)
 
 
-def files(*splits):
-    return [arg for split in splits for arg in (f"--{split}_file", DATA / f"{split}.csv")]
+files = functools.partial(data_files, DATA, suffix="csv")
 
 
 def test_demo_schedule_learns_with_ort_training_and_ort_evaluation(monkeypatch, tmp_path, caplog):

@@ -1,12 +1,13 @@
 """run_ner.py end to end on the shipped NER data: learning, ORT parity, label alignment, bad input."""
 
+import functools
 import json
 
 import pytest
 
 from ort_trainer import example_utils
 
-from .example_scripts import EXAMPLES, common, load_script, run_script
+from .example_scripts import EXAMPLES, common, data_files, load_script, run_script
 
 EXAMPLE = EXAMPLES / "token-classification"
 DATA = EXAMPLE / "data" / "ner"
@@ -17,8 +18,7 @@ def run_ner(monkeypatch, *args):
     run_script(monkeypatch, EXAMPLE / "run_ner.py", *args)
 
 
-def files(*splits, folder=DATA):
-    return [arg for split in splits for arg in (f"--{split}_file", folder / f"{split}.json")]
+files = functools.partial(data_files, DATA)
 
 
 def test_short_schedule_learns_and_ort_evaluation_equals_pytorch(monkeypatch, tmp_path, caplog):

@@ -1,13 +1,14 @@
 """run_translation.py end to end on the shipped English-Toy corpus: learning, ONNX Runtime generation equal to
 PyTorch's, and bad input."""
 
+import functools
 import json
 
 import pytest
 
 from ort_trainer import example_utils
 
-from .example_scripts import EXAMPLES, common, load_script, run_script
+from .example_scripts import EXAMPLES, common, data_files, load_script, run_script
 from .tiny_models import tiny_model
 
 EXAMPLE = EXAMPLES / "translation"
@@ -19,8 +20,7 @@ def run_translation(monkeypatch, *args):
     run_script(monkeypatch, EXAMPLE / "run_translation.py", *args)
 
 
-def files(*splits, folder=DATA):
-    return [arg for split in splits for arg in (f"--{split}_file", folder / f"{split}.json")]
+files = functools.partial(data_files, DATA)
 
 
 @pytest.mark.parametrize("architecture", ["t5", "bart"])
