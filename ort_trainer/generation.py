@@ -24,10 +24,10 @@ class _Encoder(torch.nn.Module):
 
     def __init__(self, model):
         super().__init__()
-        self.encoder = model.get_encoder()
+        self.model = model.get_encoder()  # `model`, as export errors name the wrapped module
 
     def forward(self, input_ids, attention_mask):
-        return self.encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
 
 
 class _Decoder(torch.nn.Module):
