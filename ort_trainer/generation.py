@@ -1,7 +1,8 @@
-"""Sequence-to-sequence models in ONNX Runtime: an encoder session and two decoder sessions (the first step, and
-each later step with the past keys and values), put in place of the model's own encoder and forward while
-`model.generate` runs. transformers keeps driving greedy and beam search with the model's generation config; every
-token comes out of ONNX Runtime, and each new token costs one decoder step."""
+"""Sequence-to-sequence models in ONNX Runtime: an encoder session, a session for the decoder's cross-attention keys
+and values, and two decoder sessions (the first step, and each later step with the past keys and values), put in
+place of the model's own encoder and forward while `model.generate` runs. transformers keeps driving greedy and beam
+search with the model's generation config; every token comes out of ONNX Runtime, and each new token costs one
+decoder step."""
 
 import contextlib
 import functools
@@ -9,14 +10,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import Cache, EncoderDecoderCache
+from transformers import Cache, DynamicCache, EncoderDecoderCache
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
 from . import onnx
 from .import_utils import onnxruntime_providers
 
-GRAPHS = ("encoder", "decoder", "decoder_with_past")
+GRAPHS = ("encoder", "cross_attention", "decoder", "decoder_with_past")
+SELF_ATTENTION, CROSS_ATTENTION = ("key", "value"), ("cross_key", "cross_value")
+
+
+def _past_names(layers: int, prefix: str, kinds: tuple) -> list:
+    return [f"{prefix}.{layer}.{kind}" for layer in range(layers) for kind in kinds]
+
+
+def _pairs(tensors) -> list:
+    """Keys and values, one (key, value) pair per layer."""
+    return [tuple(tensors[i : i + 2]) for i in range(0, len(tensors), 2)]
 
 
 class _Encoder(torch.nn.Module):
@@ -30,29 +41,42 @@ class _Encoder(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
 
 
+class _CrossAttention(torch.nn.Module):
+    """Every decoder layer's cross-attention keys and values, projected from the encoder's output: computed once per
+    sentence here, where the decoder's first step would compute them once per beam."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, encoder_hidden_states):
+        # Any first token: the export keeps only what leads to the outputs, the projections of the encoder's output.
+        token = torch.zeros_like(encoder_hidden_states[:, :1, 0], dtype=torch.long)
+        outputs = self.model(
+            decoder_input_ids=token, encoder_outputs=(encoder_hidden_states,), use_cache=True, return_dict=True
+        )
+        return tuple(tensor for _, _, _, key, value, _ in outputs.past_key_values for tensor in (key, value))
+
+
 class _Decoder(torch.nn.Module):
-    """The decoder and LM head; the first step computes the cross-attention keys and values, later steps take
-    them back with the self-attention ones."""
+    """The decoder and LM head, taking the cross-attention keys and values (and, after the first step, the
+    self-attention ones) and returning the self-attention keys and values with the new tokens'."""
 
     def __init__(self, model, with_past: bool):
         super().__init__()
         self.model, self.with_past = model, with_past
 
     def forward(self, decoder_input_ids, encoder_attention_mask, encoder_hidden_states, *past):
-        cache = EncoderDecoderCache([past[i : i + 4] for i in range(0, len(past), 4)] if self.with_past else [])
+        if self.with_past:
+            cache = EncoderDecoderCache([past[i : i + 4] for i in range(0, len(past), 4)])
+        else:
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache(_pairs(past)))
         outputs = self.model(
             decoder_input_ids=decoder_input_ids, attention_mask=encoder_attention_mask,
             encoder_outputs=(encoder_hidden_states,), past_key_values=cache, use_cache=True, return_dict=True,
         )
-        present = []
-        for key, value, _, cross_key, cross_value, _ in outputs.past_key_values:
-            present += [key, value] if self.with_past else [key, value, cross_key, cross_value]
+        present = [tensor for key, value, *_ in outputs.past_key_values for tensor in (key, value)]
         return (outputs.logits, *present)
-
-
-def _past_names(layers: int, prefix: str, with_cross: bool) -> list:
-    kinds = ("key", "value", "cross_key", "cross_value") if with_cross else ("key", "value")
-    return [f"{prefix}.{layer}.{kind}" for layer in range(layers) for kind in kinds]
 
 
 def _decoder_layers(model) -> int:
@@ -74,39 +98,48 @@ def _exportable(model):
 
 
 def export_seq2seq(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, directory: Path) -> None:
-    """Export the encoder, the first decoder step and the decoder step with past keys and values."""
+    """Export the encoder, the cross-attention projections of its output, the first decoder step and the decoder
+    step with past keys and values."""
     layers = _decoder_layers(model)
     batch = input_ids.shape[0]
     start = torch.full((batch, 2), model.config.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
     with _exportable(model):
         hidden = _Encoder(model)(input_ids, attention_mask)
-        first = _Decoder(model, with_past=False)(start, attention_mask, hidden)
+        cross = _CrossAttention(model)(hidden)
+        first = _Decoder(model, with_past=False)(start, attention_mask, hidden, *cross)
+    past = [tensor for pair in zip(_pairs(first[1:]), _pairs(cross)) for tensor in (*pair[0], *pair[1])]
     step = start[:, :1]
     sequence = {0: "batch", 1: "source"}
+    decoder_inputs = ["decoder_input_ids", "encoder_attention_mask", "encoder_hidden_states"]
     specs = {
         "encoder": (
             _Encoder(model), (input_ids, attention_mask), ["input_ids", "attention_mask"], ["last_hidden_state"],
             {"input_ids": sequence, "attention_mask": sequence, "last_hidden_state": sequence},
         ),
+        "cross_attention": (
+            _CrossAttention(model), (hidden,), ["encoder_hidden_states"],
+            _past_names(layers, "present", CROSS_ATTENTION),
+            {"encoder_hidden_states": sequence}
+            | {name: {0: "batch", 2: "source"} for name in _past_names(layers, "present", CROSS_ATTENTION)},
+        ),
         "decoder": (
-            _Decoder(model, with_past=False), (start, attention_mask, hidden),
-            ["decoder_input_ids", "encoder_attention_mask", "encoder_hidden_states"],
-            ["logits", *_past_names(layers, "present", with_cross=True)],
+            _Decoder(model, with_past=False), (start, attention_mask, hidden, *cross),
+            [*decoder_inputs, *_past_names(layers, "past", CROSS_ATTENTION)],
+            ["logits", *_past_names(layers, "present", SELF_ATTENTION)],
             {"decoder_input_ids": {0: "batch", 1: "target"}, "encoder_attention_mask": sequence,
              "encoder_hidden_states": sequence, "logits": {0: "batch", 1: "target"}}
-            | {name: {0: "batch", 2: "source" if "cross" in name else "target"}
-               for name in _past_names(layers, "present", with_cross=True)},
+            | {name: {0: "batch", 2: "source"} for name in _past_names(layers, "past", CROSS_ATTENTION)}
+            | {name: {0: "batch", 2: "target"} for name in _past_names(layers, "present", SELF_ATTENTION)},
         ),
         "decoder_with_past": (
-            _Decoder(model, with_past=True), (step, attention_mask, hidden, *first[1:]),
-            ["decoder_input_ids", "encoder_attention_mask", "encoder_hidden_states",
-             *_past_names(layers, "past", with_cross=True)],
-            ["logits", *_past_names(layers, "present", with_cross=False)],
+            _Decoder(model, with_past=True), (step, attention_mask, hidden, *past),
+            [*decoder_inputs, *_past_names(layers, "past", SELF_ATTENTION + CROSS_ATTENTION)],
+            ["logits", *_past_names(layers, "present", SELF_ATTENTION)],
             {"decoder_input_ids": {0: "batch", 1: "step"}, "encoder_attention_mask": sequence,
              "encoder_hidden_states": sequence, "logits": {0: "batch", 1: "step"}}
-            | {name: {0: "batch", 2: "source" if "cross" in name else "past"}
-               for name in _past_names(layers, "past", with_cross=True)}
-            | {name: {0: "batch", 2: "past + step"} for name in _past_names(layers, "present", with_cross=False)},
+            | {name: {0: "batch", 2: "source"} for name in _past_names(layers, "past", CROSS_ATTENTION)}
+            | {name: {0: "batch", 2: "past"} for name in _past_names(layers, "past", SELF_ATTENTION)}
+            | {name: {0: "batch", 2: "past + step"} for name in _past_names(layers, "present", SELF_ATTENTION)},
         ),
     }
     directory.mkdir(parents=True, exist_ok=True)
@@ -143,13 +176,18 @@ class _SessionCache(EncoderDecoderCache):
     among the beams of one sentence, whose cross-attention keys and values are equal copies of one encoder output:
     only the self-attention part needs reordering."""
 
-    def __init__(self, layers: list):
-        self_attention = _SessionLayers([(key, value) for key, value, _, _ in layers])
-        cross_attention = _SessionLayers([(cross_key, cross_value) for _, _, cross_key, cross_value in layers])
-        super().__init__(self_attention, cross_attention)
+    def __init__(self, self_attention: list, cross_attention: list):
+        super().__init__(_SessionLayers(self_attention), _SessionLayers(cross_attention))
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         self.self_attention_cache.reorder_cache(beam_idx)
+
+
+@dataclass
+class _EncoderOutput(BaseModelOutput):
+    """The encoder's output and, one row per sentence, the decoder's cross-attention keys and values."""
+
+    cross_attention: tuple | None = None
 
 
 @dataclass
@@ -157,6 +195,7 @@ class ONNXSeq2SeqModel:
     """The encoder and decoder sessions of an exported sequence-to-sequence model."""
 
     encoder: onnx.ONNXModel
+    cross_attention: onnx.ONNXModel
     decoder: onnx.ONNXModel
     decoder_with_past: onnx.ONNXModel
 
@@ -166,42 +205,58 @@ class ONNXSeq2SeqModel:
 
     @property
     def sessions(self) -> tuple:
-        return self.encoder, self.decoder, self.decoder_with_past
+        return self.encoder, self.cross_attention, self.decoder, self.decoder_with_past
 
-    def encode(self, input_ids, attention_mask) -> torch.Tensor:
-        return self.encoder({"input_ids": input_ids, "attention_mask": attention_mask})["last_hidden_state"]
+    def encode(self, input_ids, attention_mask) -> _EncoderOutput:
+        hidden = self.encoder({"input_ids": input_ids, "attention_mask": attention_mask})["last_hidden_state"]
+        return _EncoderOutput(last_hidden_state=hidden, cross_attention=self._project(hidden))
 
-    def decode(self, decoder_input_ids, encoder_attention_mask, encoder_hidden_states, cache: EncoderDecoderCache):
+    def _project(self, encoder_hidden_states) -> tuple:
+        return tuple(self.cross_attention({"encoder_hidden_states": encoder_hidden_states}).values())
+
+    def _cross_attention_of(self, encoder_outputs) -> tuple:
+        """The cross-attention keys and values for each row of `encoder_outputs`, which beam search repeats for
+        each beam of a sentence: projected once per sentence and repeated alike."""
+        hidden, projected = encoder_outputs[0], getattr(encoder_outputs, "cross_attention", None)
+        if projected is None:  # an encoder output from elsewhere
+            return self._project(hidden)
+        beams = hidden.shape[0] // projected[0].shape[0]
+        return projected if beams == 1 else tuple(tensor.repeat_interleave(beams, dim=0) for tensor in projected)
+
+    def decode(self, decoder_input_ids, encoder_attention_mask, encoder_outputs, cache: EncoderDecoderCache):
         """Logits for `decoder_input_ids` and the cache with their keys and values: the first step when `cache`
         is empty, else one step per new token with the cached ones (the session returns the past with the new)."""
         inputs = {
             "decoder_input_ids": decoder_input_ids, "encoder_attention_mask": encoder_attention_mask,
-            "encoder_hidden_states": encoder_hidden_states,
+            "encoder_hidden_states": encoder_outputs[0],
         }
         if cache is None or cache.get_seq_length() == 0:
-            logits, *present = self.decoder(inputs).values()
-            return logits, _SessionCache([present[i : i + 4] for i in range(0, len(present), 4)])
+            cross_attention = self._cross_attention_of(encoder_outputs)
+            names = _past_names(len(cross_attention) // 2, "past", CROSS_ATTENTION)
+            logits, *present = self.decoder(inputs | dict(zip(names, cross_attention))).values()
+            return logits, _SessionCache(_pairs(present), _pairs(cross_attention))
         layers = [(key, value, cross_key, cross_value) for key, value, _, cross_key, cross_value, _ in cache]
-        names = _past_names(len(layers), "past", with_cross=True)
+        names = _past_names(len(layers), "past", SELF_ATTENTION + CROSS_ATTENTION)
         inputs |= dict(zip(names, (tensor for layer in layers for tensor in layer)))
         logits, *present = self.decoder_with_past(inputs).values()
-        for layer in range(len(layers)):
-            cache.self_attention_cache.update(present[2 * layer], present[2 * layer + 1], layer)
+        for layer, (key, value) in enumerate(_pairs(present)):
+            cache.self_attention_cache.update(key, value, layer)
         return logits, cache
 
     def forward(self, model, input_ids=None, attention_mask=None, decoder_input_ids=None, encoder_outputs=None,
                 past_key_values=None, labels=None, **unused):
         """The model's `forward` for generation and evaluation, computed in ONNX Runtime."""
         if encoder_outputs is None:
-            encoder_outputs = BaseModelOutput(last_hidden_state=self.encode(input_ids, attention_mask))
-        hidden = encoder_outputs[0]
+            encoder_outputs = self.encode(input_ids, attention_mask)
         if decoder_input_ids is None:
             decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)
-        logits, cache = self.decode(decoder_input_ids, attention_mask, hidden, past_key_values)
+        logits, cache = self.decode(decoder_input_ids, attention_mask, encoder_outputs, past_key_values)
         loss = None
         if labels is not None:  # the loss T5 and BART compute
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-        return Seq2SeqLMOutput(loss=loss, logits=logits, past_key_values=cache, encoder_last_hidden_state=hidden)
+        return Seq2SeqLMOutput(
+            loss=loss, logits=logits, past_key_values=cache, encoder_last_hidden_state=encoder_outputs[0]
+        )
 
 
 class _EncoderInSession(torch.nn.Module):
@@ -212,7 +267,7 @@ class _EncoderInSession(torch.nn.Module):
         self.onnx_model = onnx_model
 
     def forward(self, input_ids=None, attention_mask=None, **unused):
-        return BaseModelOutput(last_hidden_state=self.onnx_model.encode(input_ids, attention_mask))
+        return self.onnx_model.encode(input_ids, attention_mask)
 
 
 @contextlib.contextmanager
