@@ -30,6 +30,36 @@ def _pairs(tensors) -> list:
     return [tuple(tensors[i : i + 2]) for i in range(0, len(tensors), 2)]
 
 
+class _FilledLayer(DynamicLayer):
+    """A cache layer that starts with the given keys and values, held as they are: a `DynamicCache` fills its layers
+    by concatenating onto an empty tensor, which an exported graph would keep as a copy of each at every step."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self.keys, self.values = keys, values
+
+
+class _SessionLayer(_FilledLayer):
+    """A cache layer holding the keys and values a session returned, past ones included: kept as they are, where
+    PyTorch's layer would concatenate a copy."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.keys, self.values = key_states, value_states
+        return self.keys, self.values
+
+
+class _FilledCache(Cache):
+    """Keys and values of every decoder layer, in layers of `layer_class`."""
+
+    def __init__(self, keys_and_values: list, layer_class=_FilledLayer):
+        super().__init__(layers=[layer_class(key, value) for key, value in keys_and_values])
+
+    def __iter__(self):  # as `DynamicCache` iterates, which `EncoderDecoderCache` relies on
+        for layer in self.layers:
+            yield layer.keys, layer.values, None
+
+
 class _Encoder(torch.nn.Module):
     """The encoder alone, returning its last hidden state."""
 
@@ -67,10 +97,13 @@ class _Decoder(torch.nn.Module):
         self.model, self.with_past = model, with_past
 
     def forward(self, decoder_input_ids, encoder_attention_mask, encoder_hidden_states, *past):
-        if self.with_past:
-            cache = EncoderDecoderCache([past[i : i + 4] for i in range(0, len(past), 4)])
+        if self.with_past:  # each layer's key, value, cross-attention key and value
+            layers = [past[i : i + 4] for i in range(0, len(past), 4)]
+            self_attention = _FilledCache([(key, value) for key, value, _, _ in layers])
+            cross_attention = _FilledCache([(key, value) for _, _, key, value in layers])
         else:
-            cache = EncoderDecoderCache(DynamicCache(), DynamicCache(_pairs(past)))
+            self_attention, cross_attention = DynamicCache(), _FilledCache(_pairs(past))
+        cache = EncoderDecoderCache(self_attention, cross_attention)
         outputs = self.model(
             decoder_input_ids=decoder_input_ids, attention_mask=encoder_attention_mask,
             encoder_outputs=(encoder_hidden_states,), past_key_values=cache, use_cache=True, return_dict=True,
@@ -148,36 +181,13 @@ def export_seq2seq(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             onnx.export_module(module, args, input_names, output_names, axes, directory / f"{name}.onnx")
 
 
-class _SessionLayer(DynamicLayer):
-    """A cache layer holding the keys and values a session returned, past ones included: kept as they are, where
-    PyTorch's layer would concatenate a copy."""
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
-        self.keys, self.values = key_states, value_states
-        return self.keys, self.values
-
-
-class _SessionLayers(Cache):
-    """Keys and values of every decoder layer, as sessions return them."""
-
-    def __init__(self, keys_and_values: list):
-        super().__init__(layers=[_SessionLayer() for _ in keys_and_values])
-        for index, (key, value) in enumerate(keys_and_values):
-            self.update(key, value, index)
-
-    def __iter__(self):  # as `DynamicCache` iterates, which `EncoderDecoderCache` relies on
-        for layer in self.layers:
-            yield layer.keys, layer.values, None
-
-
 class _SessionCache(EncoderDecoderCache):
     """The decoder sessions' keys and values, for `generate` to carry between steps. Beam search reorders rows only
     among the beams of one sentence, whose cross-attention keys and values are equal copies of one encoder output:
     only the self-attention part needs reordering."""
 
     def __init__(self, self_attention: list, cross_attention: list):
-        super().__init__(_SessionLayers(self_attention), _SessionLayers(cross_attention))
+        super().__init__(_FilledCache(self_attention, _SessionLayer), _FilledCache(cross_attention, _SessionLayer))
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         self.self_attention_cache.reorder_cache(beam_idx)

@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import threads
 from .import_utils import is_onnxruntime_available, onnxruntime_providers
 
 logger = logging.getLogger(__name__)
@@ -193,6 +194,7 @@ class ONNXModel:
         feeds = {name: inputs[name] for name in self.input_names}
         if self.provider == "CUDAExecutionProvider":
             return self._run_with_io_binding(feeds)
+        threads.release_torch_threads()
         values = self.session.run(self.output_names, {name: tensor.cpu().numpy() for name, tensor in feeds.items()})
         return {name: torch.from_numpy(value).to(self.device) for name, value in zip(self.output_names, values)}
 
