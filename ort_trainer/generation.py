@@ -140,7 +140,7 @@ def export_seq2seq(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         hidden = _Encoder(model)(input_ids, attention_mask)
         cross = _CrossAttention(model)(hidden)
         first = _Decoder(model, with_past=False)(start, attention_mask, hidden, *cross)
-    past = [tensor for pair in zip(_pairs(first[1:]), _pairs(cross)) for tensor in (*pair[0], *pair[1])]
+    past = [tensor for self_kv, cross_kv in zip(_pairs(first[1:]), _pairs(cross)) for tensor in (*self_kv, *cross_kv)]
     step = start[:, :1]
     sequence = {0: "batch", 1: "source"}
     decoder_inputs = ["decoder_input_ids", "encoder_attention_mask", "encoder_hidden_states"]

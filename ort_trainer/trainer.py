@@ -330,7 +330,7 @@ class ORTTrainer(Trainer):
 
 class Seq2SeqORTTrainer(ORTTrainer, Seq2SeqTrainer):
     """A `Seq2SeqTrainer` whose training runs in ONNX Runtime, as `ORTTrainer`'s does; with `inference_with_ort`,
-    `predict_with_generate` generates in ONNX Runtime sessions (encoder, decoder, decoder with past)."""
+    `predict_with_generate` generates in ONNX Runtime sessions (encoder, cross-attention, decoder, decoder with past)."""
 
     _args_class = ORTSeq2SeqTrainingArguments
 
