@@ -69,6 +69,22 @@ def test_onnx_generation_equals_pytorch_token_for_token(name, num_beams, tmp_pat
     assert torch.equal(generated, expected)
 
 
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_encoder_outputs_passed_in_get_their_cross_attention_from_the_session(num_beams, tmp_path):
+    model = tiny_model("bart").eval()
+    onnx_model = generation.load_seq2seq_onnx_model(model, *padded_batch(model, 2, 7, seed=0), tmp_path)
+    input_ids, attention_mask = padded_batch(model, rows=3, length=9, seed=3)
+    with torch.no_grad():
+        encoder_outputs = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
+    settings = {"min_new_tokens": 8, "max_new_tokens": 10, "num_beams": num_beams, "attention_mask": attention_mask}
+    with torch.no_grad():
+        expected = model.generate(encoder_outputs=encoder_outputs.copy(), **settings)
+    assert not hasattr(encoder_outputs, "cross_attention")  # PyTorch's own output: the session projects it
+    with generation.running_in_session(model, onnx_model):
+        generated = model.generate(encoder_outputs=encoder_outputs.copy(), **settings)
+    assert torch.equal(generated, expected)
+
+
 @pytest.mark.parametrize("name", ["t5", "bart"])
 def test_onnx_forward_gives_the_models_loss_and_logits(name, tmp_path):
     model = MODELS[name]().eval()
