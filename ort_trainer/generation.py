@@ -15,7 +15,6 @@ from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
 from . import onnx
-from .import_utils import onnxruntime_providers
 
 GRAPHS = ("encoder", "cross_attention", "decoder", "decoder_with_past")
 SELF_ATTENTION, CROSS_ATTENTION = ("key", "value"), ("cross_key", "cross_value")
@@ -134,29 +133,32 @@ def export_seq2seq(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """Export the encoder, the cross-attention projections of its output, the first decoder step and the decoder
     step with past keys and values."""
     layers = _decoder_layers(model)
+    encoder, cross_attention = _Encoder(model), _CrossAttention(model)
+    decoder, decoder_with_past = _Decoder(model, with_past=False), _Decoder(model, with_past=True)
     batch = input_ids.shape[0]
     start = torch.full((batch, 2), model.config.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
     with _exportable(model):
-        hidden = _Encoder(model)(input_ids, attention_mask)
-        cross = _CrossAttention(model)(hidden)
-        first = _Decoder(model, with_past=False)(start, attention_mask, hidden, *cross)
+        # Sample inputs for each graph, from the graphs before it.
+        hidden = encoder(input_ids, attention_mask)
+        cross = cross_attention(hidden)
+        first = decoder(start, attention_mask, hidden, *cross)
     past = [tensor for self_kv, cross_kv in zip(_pairs(first[1:]), _pairs(cross)) for tensor in (*self_kv, *cross_kv)]
     step = start[:, :1]
     sequence = {0: "batch", 1: "source"}
     decoder_inputs = ["decoder_input_ids", "encoder_attention_mask", "encoder_hidden_states"]
     specs = {
         "encoder": (
-            _Encoder(model), (input_ids, attention_mask), ["input_ids", "attention_mask"], ["last_hidden_state"],
+            encoder, (input_ids, attention_mask), ["input_ids", "attention_mask"], ["last_hidden_state"],
             {"input_ids": sequence, "attention_mask": sequence, "last_hidden_state": sequence},
         ),
         "cross_attention": (
-            _CrossAttention(model), (hidden,), ["encoder_hidden_states"],
+            cross_attention, (hidden,), ["encoder_hidden_states"],
             _past_names(layers, "present", CROSS_ATTENTION),
             {"encoder_hidden_states": sequence}
             | {name: {0: "batch", 2: "source"} for name in _past_names(layers, "present", CROSS_ATTENTION)},
         ),
         "decoder": (
-            _Decoder(model, with_past=False), (start, attention_mask, hidden, *cross),
+            decoder, (start, attention_mask, hidden, *cross),
             [*decoder_inputs, *_past_names(layers, "past", CROSS_ATTENTION)],
             ["logits", *_past_names(layers, "present", SELF_ATTENTION)],
             {"decoder_input_ids": {0: "batch", 1: "target"}, "encoder_attention_mask": sequence,
@@ -165,7 +167,7 @@ def export_seq2seq(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             | {name: {0: "batch", 2: "target"} for name in _past_names(layers, "present", SELF_ATTENTION)},
         ),
         "decoder_with_past": (
-            _Decoder(model, with_past=True), (step, attention_mask, hidden, *past),
+            decoder_with_past, (step, attention_mask, hidden, *past),
             [*decoder_inputs, *_past_names(layers, "past", SELF_ATTENTION + CROSS_ATTENTION)],
             ["logits", *_past_names(layers, "present", SELF_ATTENTION)],
             {"decoder_input_ids": {0: "batch", 1: "step"}, "encoder_attention_mask": sequence,
@@ -175,7 +177,6 @@ def export_seq2seq(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             | {name: {0: "batch", 2: "past + step"} for name in _past_names(layers, "present", SELF_ATTENTION)},
         ),
     }
-    directory.mkdir(parents=True, exist_ok=True)
     with _exportable(model):
         for name, (module, args, input_names, output_names, axes) in specs.items():
             onnx.export_module(module, args, input_names, output_names, axes, directory / f"{name}.onnx")
@@ -300,10 +301,8 @@ def running_in_session(model, onnx_model: ONNXSeq2SeqModel):
 def load_seq2seq_onnx_model(model, input_ids, attention_mask, directory: Path, fp16: bool = False) -> ONNXSeq2SeqModel:
     """The encoder and decoder sessions of `model`, exported into `directory` (reused while the weights and config
     are unchanged); fp16 when `fp16` and running on CUDA, inputs and outputs in their own types."""
-    device = next(model.parameters()).device
-    provider = onnx.select_provider(device, onnxruntime_providers())
+    device, provider, fp16 = onnx.session_target(model, fp16)
     directory = Path(directory)
-    fp16 = fp16 and provider == "CUDAExecutionProvider"
     key = onnx.export_key(model, graphs=list(GRAPHS), provider=provider, fp16=fp16)
 
     def export() -> list:

@@ -337,6 +337,14 @@ def _same_outputs(first: ONNXModel, second: ONNXModel, inputs: dict) -> bool:
     return same_predictions and torch.allclose(a, b, atol=atol, rtol=0)
 
 
+def session_target(model: torch.nn.Module, fp16: bool) -> tuple:
+    """Where `model`'s sessions run: its device, the provider for it, and whether in fp16 (asked for, and on
+    CUDA: CPU sessions stay fp32)."""
+    device = next(model.parameters()).device
+    provider = select_provider(device, onnxruntime_providers())
+    return device, provider, fp16 and provider == "CUDAExecutionProvider"
+
+
 def export_key(model: torch.nn.Module, **settings) -> dict:
     """What an export depends on: weights, config, the versions that wrote it, and the caller's settings."""
     from . import __version__
@@ -366,10 +374,8 @@ def load_onnx_model(
     weights and config are unchanged), optimised when the optimised graph gives the same outputs on
     `sample_inputs`, and in fp16 when `fp16` and running on CUDA (inputs and outputs keep their types). CPU runs
     stay fp32."""
-    device = next(model.parameters()).device
-    provider = select_provider(device, onnxruntime_providers())
+    device, provider, fp16 = session_target(model, fp16)
     directory = Path(directory)
-    fp16 = fp16 and provider == "CUDAExecutionProvider"
     key = export_key(model, inputs=sorted(sample_inputs), provider=provider, optimize=optimize, fp16=fp16)
 
     def export() -> list:

@@ -188,8 +188,8 @@ def main():
         predictions, labels = eval_predictions
         if isinstance(predictions, tuple):
             predictions = predictions[0]
-        result = sacrebleu_metrics(decode(predictions), decode(labels))
         predictions = np.where(predictions != -100, predictions, tokenizer.pad_token_id)
+        result = sacrebleu_metrics(decode(predictions), decode(labels))
         result["gen_len"] = float(np.mean(np.count_nonzero(predictions != tokenizer.pad_token_id, axis=1)))
         return {key: round(value, 4) for key, value in result.items()}
 
