@@ -70,7 +70,9 @@ def test_onnx_generation_equals_pytorch_token_for_token(name, num_beams, tmp_pat
 
 
 @pytest.mark.parametrize("num_beams", [1, 4])
-def test_encoder_outputs_passed_in_get_their_cross_attention_from_the_session(num_beams, tmp_path):
+def test_encoder_outputs_passed_in_get_their_cross_attention_from_the_session(
+    num_beams, tmp_path, pytorch_modules_forbidden
+):
     model = tiny_model("bart").eval()
     onnx_model = generation.load_seq2seq_onnx_model(model, *padded_batch(model, 2, 7, seed=0), tmp_path)
     input_ids, attention_mask = padded_batch(model, rows=3, length=9, seed=3)
@@ -80,8 +82,11 @@ def test_encoder_outputs_passed_in_get_their_cross_attention_from_the_session(nu
     with torch.no_grad():
         expected = model.generate(encoder_outputs=encoder_outputs.copy(), **settings)
     assert not hasattr(encoder_outputs, "cross_attention")  # PyTorch's own output: the session projects it
+    hooks = pytorch_modules_forbidden(model)
     with generation.running_in_session(model, onnx_model):
         generated = model.generate(encoder_outputs=encoder_outputs.copy(), **settings)
+    for hook in hooks:
+        hook.remove()
     assert torch.equal(generated, expected)
 
 
