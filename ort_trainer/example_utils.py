@@ -12,13 +12,13 @@ from pathlib import Path
 
 import datasets
 import torch
-import transformers
 from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, PreTrainedTokenizerFast, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import logging as transformers_logging
 
 from .onnx import ONNXExportError
 from .ortmodule import ORTTrainingError
 from .training_args import ORTTrainingArguments
+from .transformers_compat import get_last_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -137,14 +137,14 @@ def setup_logging(training_args) -> None:
         handlers=[logging.StreamHandler(sys.stdout)],
     )
     if training_args.should_log:
-        transformers.utils.logging.set_verbosity_info()
+        transformers_logging.set_verbosity_info()
     level = training_args.get_process_log_level()
     for library_logger in (logging.getLogger("ort_trainer"), logger):
         library_logger.setLevel(level)
     datasets.utils.logging.set_verbosity(level)
-    transformers.utils.logging.set_verbosity(level)
-    transformers.utils.logging.enable_default_handler()
-    transformers.utils.logging.enable_explicit_format()
+    transformers_logging.set_verbosity(level)
+    transformers_logging.enable_default_handler()
+    transformers_logging.enable_explicit_format()
     logger.warning(
         "Process rank: %s, device: %s, n_gpu: %s, distributed: %s, fp16: %s, bf16: %s, ORT training: %s",
         training_args.process_index, training_args.device, training_args.n_gpu,

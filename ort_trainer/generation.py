@@ -10,11 +10,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import Cache, DynamicCache, EncoderDecoderCache
-from transformers.cache_utils import DynamicLayer
-from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
+from transformers import DynamicCache
 
 from . import onnx
+from .transformers_compat import (
+    BaseModelOutput,
+    FilledCache,
+    Seq2SeqLMOutput,
+    SessionCache,
+    attention,
+    cache_argument,
+    cross_attention_layers,
+    encoder_decoder_cache,
+    given_cache,
+    output_cache,
+    self_attention_layers,
+)
 
 GRAPHS = ("encoder", "cross_attention", "decoder", "decoder_with_past")
 SELF_ATTENTION, CROSS_ATTENTION = ("key", "value"), ("cross_key", "cross_value")
@@ -27,36 +38,6 @@ def _past_names(layers: int, prefix: str, kinds: tuple) -> list:
 def _pairs(tensors) -> list:
     """Keys and values, one (key, value) pair per layer."""
     return [tuple(tensors[i : i + 2]) for i in range(0, len(tensors), 2)]
-
-
-class _FilledLayer(DynamicLayer):
-    """A cache layer that starts with the given keys and values, held as they are: a `DynamicCache` fills its layers
-    by concatenating onto an empty tensor, which an exported graph would keep as a copy of each at every step."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
-        super().__init__()
-        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-        self.keys, self.values = keys, values
-
-
-class _SessionLayer(_FilledLayer):
-    """A cache layer holding the keys and values a session returned, past ones included: kept as they are, where
-    PyTorch's layer would concatenate a copy."""
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        self.keys, self.values = key_states, value_states
-        return self.keys, self.values
-
-
-class _FilledCache(Cache):
-    """Keys and values of every decoder layer, in layers of `layer_class`."""
-
-    def __init__(self, keys_and_values: list, layer_class=_FilledLayer):
-        super().__init__(layers=[layer_class(key, value) for key, value in keys_and_values])
-
-    def __iter__(self):  # as `DynamicCache` iterates, which `EncoderDecoderCache` relies on
-        for layer in self.layers:
-            yield layer.keys, layer.values, None
 
 
 class _Encoder(torch.nn.Module):
@@ -84,7 +65,7 @@ class _CrossAttention(torch.nn.Module):
         outputs = self.model(
             decoder_input_ids=token, encoder_outputs=(encoder_hidden_states,), use_cache=True, return_dict=True
         )
-        return tuple(tensor for _, _, _, key, value, _ in outputs.past_key_values for tensor in (key, value))
+        return tuple(tensor for layer in cross_attention_layers(output_cache(outputs)) for tensor in layer)
 
 
 class _Decoder(torch.nn.Module):
@@ -98,16 +79,16 @@ class _Decoder(torch.nn.Module):
     def forward(self, decoder_input_ids, encoder_attention_mask, encoder_hidden_states, *past):
         if self.with_past:  # each layer's key, value, cross-attention key and value
             layers = [past[i : i + 4] for i in range(0, len(past), 4)]
-            self_attention = _FilledCache([(key, value) for key, value, _, _ in layers])
-            cross_attention = _FilledCache([(key, value) for _, _, key, value in layers])
+            self_attention = FilledCache([(key, value) for key, value, _, _ in layers])
+            cross_attention = FilledCache([(key, value) for _, _, key, value in layers])
         else:
-            self_attention, cross_attention = DynamicCache(), _FilledCache(_pairs(past))
-        cache = EncoderDecoderCache(self_attention, cross_attention)
+            self_attention, cross_attention = DynamicCache(), FilledCache(_pairs(past))
         outputs = self.model(
             decoder_input_ids=decoder_input_ids, attention_mask=encoder_attention_mask,
-            encoder_outputs=(encoder_hidden_states,), past_key_values=cache, use_cache=True, return_dict=True,
+            encoder_outputs=(encoder_hidden_states,), use_cache=True, return_dict=True,
+            **cache_argument(encoder_decoder_cache(self_attention, cross_attention)),
         )
-        present = [tensor for key, value, *_ in outputs.past_key_values for tensor in (key, value)]
+        present = [tensor for layer in self_attention_layers(output_cache(outputs)) for tensor in layer]
         return (outputs.logits, *present)
 
 
@@ -120,13 +101,8 @@ def _decoder_layers(model) -> int:
 def _exportable(model):
     """In eval mode, without gradients, with eager attention (SDPA's masking shortcuts are decided in Python and
     would be traced as constants of the sample's shape); the model's own settings come back afterwards."""
-    attention = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        with onnx.evaluating(model):
-            yield
-    finally:
-        model.set_attn_implementation(attention)
+    with attention(model, "eager"), onnx.evaluating(model):
+        yield
 
 
 def export_seq2seq(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, directory: Path) -> None:
@@ -182,18 +158,6 @@ def export_seq2seq(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             onnx.export_module(module, args, input_names, output_names, axes, directory / f"{name}.onnx")
 
 
-class _SessionCache(EncoderDecoderCache):
-    """The decoder sessions' keys and values, for `generate` to carry between steps. Beam search reorders rows only
-    among the beams of one sentence, whose cross-attention keys and values are equal copies of one encoder output:
-    only the self-attention part needs reordering."""
-
-    def __init__(self, self_attention: list, cross_attention: list):
-        super().__init__(_FilledCache(self_attention, _SessionLayer), _FilledCache(cross_attention, _SessionLayer))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor):
-        self.self_attention_cache.reorder_cache(beam_idx)
-
-
 @dataclass
 class _EncoderOutput(BaseModelOutput):
     """The encoder's output and, one row per sentence, the decoder's cross-attention keys and values."""
@@ -234,7 +198,7 @@ class ONNXSeq2SeqModel:
         beams = hidden.shape[0] // projected[0].shape[0]
         return projected if beams == 1 else tuple(tensor.repeat_interleave(beams, dim=0) for tensor in projected)
 
-    def decode(self, decoder_input_ids, encoder_attention_mask, encoder_outputs, cache: EncoderDecoderCache):
+    def decode(self, decoder_input_ids, encoder_attention_mask, encoder_outputs, cache: SessionCache | None):
         """Logits for `decoder_input_ids` and the cache with their keys and values: the first step when `cache`
         is empty, else one step per new token with the cached ones (the session returns the past with the new)."""
         inputs = {
@@ -245,8 +209,10 @@ class ONNXSeq2SeqModel:
             cross_attention = self._cross_attention_of(encoder_outputs)
             names = _past_names(len(cross_attention) // 2, "past", CROSS_ATTENTION)
             logits, *present = self.decoder(inputs | dict(zip(names, cross_attention))).values()
-            return logits, _SessionCache(_pairs(present), _pairs(cross_attention))
-        layers = [(key, value, cross_key, cross_value) for key, value, _, cross_key, cross_value, _ in cache]
+            return logits, SessionCache(_pairs(present), _pairs(cross_attention))
+        layers = [
+            (*self_kv, *cross_kv) for self_kv, cross_kv in zip(self_attention_layers(cache), cross_attention_layers(cache))
+        ]
         names = _past_names(len(layers), "past", SELF_ATTENTION + CROSS_ATTENTION)
         inputs |= dict(zip(names, (tensor for layer in layers for tensor in layer)))
         logits, *present = self.decoder_with_past(inputs).values()
@@ -255,18 +221,18 @@ class ONNXSeq2SeqModel:
         return logits, cache
 
     def forward(self, model, input_ids=None, attention_mask=None, decoder_input_ids=None, encoder_outputs=None,
-                past_key_values=None, labels=None, **unused):
+                labels=None, **kwargs):
         """The model's `forward` for generation and evaluation, computed in ONNX Runtime."""
         if encoder_outputs is None:
             encoder_outputs = self.encode(input_ids, attention_mask)
         if decoder_input_ids is None:
             decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)
-        logits, cache = self.decode(decoder_input_ids, attention_mask, encoder_outputs, past_key_values)
+        logits, cache = self.decode(decoder_input_ids, attention_mask, encoder_outputs, given_cache(kwargs))
         loss = None
         if labels is not None:  # the loss T5 and BART compute
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
         return Seq2SeqLMOutput(
-            loss=loss, logits=logits, past_key_values=cache, encoder_last_hidden_state=encoder_outputs[0]
+            loss=loss, logits=logits, encoder_last_hidden_state=encoder_outputs[0], **cache_argument(cache)
         )
 
 

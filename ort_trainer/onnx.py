@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import threads
+from . import threads, transformers_compat
 from .import_utils import is_onnxruntime_available, onnxruntime_providers
 
 logger = logging.getLogger(__name__)
@@ -51,11 +51,7 @@ def model_task(model: torch.nn.Module) -> str:
 
 def task_loss(model: torch.nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The loss the model's own forward computes from these logits, with transformers' loss functions."""
-    from transformers.loss.loss_utils import ForSequenceClassificationLoss, ForTokenClassification
-
-    if model_task(model) == "ForTokenClassification":
-        return ForTokenClassification(logits, labels, model.config)
-    return ForSequenceClassificationLoss(labels, logits, model.config)
+    return transformers_compat.classification_loss(model_task(model), logits, labels, model.config)
 
 
 def fingerprint(model: torch.nn.Module) -> str:
@@ -260,17 +256,9 @@ def _fusable_padding_mask(batch_size, q_length, kv_length, *args, attention_mask
 
 @contextlib.contextmanager
 def _attention_ort_can_fuse(model):
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(FUSABLE_ATTENTION, _fusable_attention)
-    AttentionMaskInterface.register(FUSABLE_ATTENTION, _fusable_padding_mask)
-    attention = model.config._attn_implementation
-    model.set_attn_implementation(FUSABLE_ATTENTION)
-    try:
+    transformers_compat.register_attention(FUSABLE_ATTENTION, _fusable_attention, _fusable_padding_mask)
+    with transformers_compat.attention(model, FUSABLE_ATTENTION):
         yield
-    finally:
-        model.set_attn_implementation(attention)
 
 
 def _name_head_count(path: Path, heads: int, head_size: int):

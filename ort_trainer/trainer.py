@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, Seq2SeqTrainer, Trainer, TrainingArguments
 
-from . import generation, onnx, ortmodule
+from . import generation, onnx, ortmodule, transformers_compat
 from .import_utils import onnxruntime_providers
 from .training_args import ORT_FUSED_ADAM, ORTSeq2SeqTrainingArguments, ORTTrainingArguments
 
@@ -70,17 +70,11 @@ def _prepared_for_ort_training(model: torch.nn.Module):
     if not isinstance(model, PreTrainedModel):
         yield contextlib.nullcontext
         return
-    attention = model.config._attn_implementation
-    if attention != "eager":
-        model.set_attn_implementation("eager")  # may replace config objects: collect them after
-    configs = _configs_with_cache(model)
-    user_values = [config.use_cache for config in configs]
-    try:
+    with transformers_compat.attention(model, "eager"):  # may replace config objects: collect them after
+        configs = _configs_with_cache(model)
+        user_values = [config.use_cache for config in configs]
         with _use_cache(configs, [False] * len(configs)):
             yield lambda: _use_cache(configs, user_values)
-    finally:
-        if attention != "eager":
-            model.set_attn_implementation(attention)
 
 
 SEQUENCE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
@@ -133,6 +127,7 @@ class ORTTrainer(Trainer):
     _args_class = ORTTrainingArguments
 
     def __init__(self, model=None, args=None, *positional, **kwargs):
+        transformers_compat.warn_if_untested()
         if args is None:
             args = self._args_class(output_dir="trainer_output")
         super().__init__(model, _as_ort_arguments(args, self._args_class), *positional, **kwargs)
