@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSeq2SeqLM, T5Config
 
-from ort_trainer import generation
+from ort_trainer.inference.seq2seq import Seq2SeqLM
 from ort_trainer.benchmark import ARCHITECTURES, T5_SETTINGS
 
 
@@ -74,7 +74,8 @@ def main():
     attention_mask[1::2, args.source_length // 2 :] = 0  # half the rows padded, as in a real batch
     with tempfile.TemporaryDirectory() as directory:
         start = time.perf_counter()
-        onnx_model = generation.load_seq2seq_onnx_model(model, input_ids, attention_mask, Path(directory), args.fp16)
+        sample = {"input_ids": input_ids, "attention_mask": attention_mask}
+        onnx_model = Seq2SeqLM.load(model, sample, Path(directory), args.fp16)
         export_seconds = time.perf_counter() - start
         print(f"{args.model}, batch {args.batch_size}, source {args.source_length} tokens, {args.new_tokens} new "
               f"tokens, {device}, {'fp16' if args.fp16 else 'fp32'}; export and sessions: {export_seconds:.1f} s "
@@ -89,7 +90,7 @@ def main():
                     return model.generate(input_ids=input_ids, attention_mask=attention_mask, **settings)
 
             def ort():
-                with generation.running_in_session(model, onnx_model):
+                with onnx_model.running(model):
                     return model.generate(input_ids=input_ids, attention_mask=attention_mask, **settings)
 
             pytorch_seconds, ort_seconds, speed_up, expected, generated = paired_timings(pytorch, ort, args.repeats)

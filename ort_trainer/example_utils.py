@@ -15,7 +15,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, PreTrainedTokenizerFast, set_seed
 from transformers import logging as transformers_logging
 
-from .onnx import ONNXExportError
+from .inference import ONNXExportError
 from .ortmodule import ORTTrainingError
 from .training_args import ORTTrainingArguments
 from .transformers_compat import get_last_checkpoint

@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, Seq2SeqTrainer, Trainer, TrainingArguments
 
-from . import generation, onnx, ortmodule, transformers_compat
+from . import inference, ortmodule, transformers_compat
 from .import_utils import onnxruntime_providers
+from .padding import trim_padding
 from .training_args import ORT_FUSED_ADAM, ORTSeq2SeqTrainingArguments, ORTTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -77,28 +78,6 @@ def _prepared_for_ort_training(model: torch.nn.Module):
             yield lambda: _use_cache(configs, user_values)
 
 
-SEQUENCE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
-
-
-def trim_padding(inputs: dict, labels_too: bool = False) -> dict:
-    """Drop the trailing columns that are padding in every row of the batch. Padded positions are masked out of
-    attention and their labels ignored, so results stay equal while the work shrinks to the longest real sequence
-    (ONNX Runtime's own padding elimination exists only in its CUDA build). Left padding is kept, since absolute
-    positions would move. `labels_too` trims per-token labels as well."""
-    mask = inputs.get("attention_mask")
-    if not torch.is_tensor(mask) or mask.dim() != 2 or not mask.any():
-        return inputs
-    width = mask.shape[1]
-    length = int(mask.any(0).nonzero().max()) + 1
-    if length == width:
-        return inputs
-    names = SEQUENCE_INPUTS + (("labels",) if labels_too else ())
-    return {
-        name: value[:, :length] if name in names and torch.is_tensor(value) and value.dim() >= 2 and value.shape[1] == width else value
-        for name, value in inputs.items()
-    }
-
-
 def _as_ort_arguments(args: TrainingArguments | None, args_class: type) -> TrainingArguments:
     """Accept a plain `TrainingArguments` (ORT options at their defaults), as `TRL` trainers accept theirs."""
     if args is None or isinstance(args, args_class):
@@ -135,7 +114,8 @@ class ORTTrainer(Trainer):
         self._backend_reported = False
         self._pytorch_fallback = None  # the model trained in PyTorch after ORT failed, with `--ort_fallback pytorch`
         self._fallback_reason = ""
-        self._onnx_model, self._onnx_weights = None, None  # `--inference_with_ort`'s session, for these weights
+        self._inference_model, self._inference_weights = None, None  # `--inference_with_ort`'s, for these weights
+        self._running_in_ort = False  # inside an evaluation loop whose model computes in ONNX Runtime
 
     def train(self, *args, **kwargs):
         if not self.args.use_ort:
@@ -237,51 +217,51 @@ class ORTTrainer(Trainer):
         self.log({"first_step_seconds": round(first_step_seconds, 3)})
 
     def _inference_in_ort(self) -> bool:
-        """`--inference_with_ort`, unless the model is on a GPU this ONNX Runtime cannot use and
-        `--ort_inference_without_cuda pytorch` asks for PyTorch then."""
+        """`--inference_with_ort`, for the heads it covers, unless the model is on a GPU this ONNX Runtime cannot
+        use and `--ort_inference_without_cuda pytorch` asks for PyTorch then."""
         if not self.args.inference_with_ort:
             return False
+        if not inference.supports(self.model):
+            logger.warning(
+                "Evaluation backend: PyTorch on %s. `--inference_with_ort` runs sequence and token classifiers, "
+                "encoder-decoder and decoder-only language models; %s is none of these.",
+                self.args.device, type(self.model).__name__,
+            )
+            return False
         available = onnxruntime_providers()
-        return onnx.select_provider(self.args.device, available, self.args.ort_inference_without_cuda) is not None
+        return inference.select_provider(self.args.device, available, self.args.ort_inference_without_cuda) is not None
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
         if not self._inference_in_ort():
             return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         start = time.perf_counter()
-        self._onnx_model = self._load_onnx_model(dataloader)
+        self._inference_model = self._load_inference_model(dataloader)
         setup_seconds = time.perf_counter() - start
-        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        self._running_in_ort = True
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        finally:
+            self._running_in_ort = False
         # Export and session creation (or reuse) are part of the runtime; recorded apart, for benchmarks.
         output.metrics[f"{metric_key_prefix}_ort_setup_seconds"] = round(setup_seconds, 3)
         return output
 
-    def _load_onnx_model(self, dataloader):
+    def _load_inference_model(self, dataloader) -> inference.InferenceModel:
         # Parameters change in place, which bumps their version counters: equal counters, same weights.
         weights = tuple((tensor.data_ptr(), tensor._version) for tensor in self.model.state_dict().values())
-        if self._onnx_model is not None and weights == self._onnx_weights:
-            return self._onnx_model
-        self._onnx_weights = weights
+        if self._inference_model is not None and weights == self._inference_weights:
+            return self._inference_model
+        self._inference_weights = weights
         sample = self._inference_inputs(self._prepare_inputs(next(iter(dataloader))))
         directory = Path(self.args.output_dir) / "onnx"
         # One rank exports (or reuses a current export); the others then load what it wrote. One per machine
         # when machines do not share the output folder (`--save_on_each_node`).
         with self.args.main_process_first(local=self.args.save_on_each_node, desc="ONNX export"):
-            if self.model.config.is_encoder_decoder and self.model.can_generate():
-                onnx_model = generation.load_seq2seq_onnx_model(
-                    self.model, sample["input_ids"], sample["attention_mask"], directory, fp16=self.args.fp16
-                )
-                graphs = ", ".join(session.path.name for session in onnx_model.sessions)
-                logger.info(
-                    "Evaluation and generation backend: ONNX Runtime on %s (%s in %s, precision: %s).",
-                    onnx_model.provider, graphs, directory, onnx_model.encoder.optimization,
-                )
-            else:
-                onnx_model = onnx.load_onnx_model(self.model, sample, directory, fp16=self.args.fp16)
-                logger.info(
-                    "Evaluation backend: ONNX Runtime on %s (%s, optimisation and precision: %s).",
-                    onnx_model.provider, onnx_model.path, onnx_model.optimization,
-                )
-        return onnx_model
+            inference_model = inference.load_for_inference(
+                self.model, sample, directory, fp16=self.args.fp16, trim_padding=self._can_trim_padding()
+            )
+        logger.info(inference_model.description())
+        return inference_model
 
     def _can_trim_padding(self) -> bool:
         """Only transformers models that mask padding out of attention give equal results on trimmed batches."""
@@ -303,20 +283,12 @@ class ORTTrainer(Trainer):
         return trim_padding(model_inputs) if self._can_trim_padding() else model_inputs
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
-        if not self.args.inference_with_ort or self._onnx_model is None:  # PyTorch, asked for or as the fallback
+        if not self._running_in_ort:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys, **gen_kwargs)
-        if isinstance(self._onnx_model, generation.ONNXSeq2SeqModel):
-            # `Seq2SeqTrainer` generates and computes the loss as always; the model's forward and encoder are the
-            # ONNX Runtime sessions meanwhile.
-            with generation.running_in_session(self.model, self._onnx_model):
-                return super().prediction_step(self.model, inputs, prediction_loss_only, ignore_keys, **gen_kwargs)
-        inputs = self._prepare_inputs(inputs)
-        logits = self._onnx_model(self._inference_inputs(inputs))["logits"]
-        if logits.dim() == 3:  # token classification: back to the batch's padded length, for the labels
-            logits = torch.nn.functional.pad(logits, (0, 0, 0, inputs["input_ids"].shape[1] - logits.shape[1]))
-        labels = inputs.get("labels")
-        loss = onnx.task_loss(self.model, logits, labels) if labels is not None else None
-        return loss, None if prediction_loss_only else logits, labels
+        # The Trainer computes losses, label smoothing, `compute_loss_func` and generation as always; the model's
+        # forward (and generation steps) compute in ONNX Runtime meanwhile.
+        with self._inference_model.running(self.model):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys, **gen_kwargs)
 
     def _save(self, output_dir=None, state_dict=None):
         with self._user_settings():

@@ -7,7 +7,10 @@ import torch
 from transformers import AutoModelForTokenClassification
 
 from ort_trainer import ORTTrainer, ORTTrainingArguments
-from ort_trainer.onnx import ONNXExportError
+from ort_trainer.inference import ONNXExportError
+from ort_trainer.inference.classification import Classifier
+from ort_trainer.inference.fusion import same_outputs
+from ort_trainer.inference.session import _warn_once, select_provider
 
 from .tiny_models import CONFIGS, VOCAB, tiny_model
 
@@ -125,8 +128,6 @@ def test_model_that_cannot_be_exported_names_the_operator(tmp_path):
 
 
 def test_provider_follows_the_model_device_and_the_installed_build(caplog):
-    from ort_trainer.onnx import _warn_once, select_provider
-
     _warn_once.cache_clear()
     both, cpu_only = ("CUDAExecutionProvider", "CPUExecutionProvider"), ("CPUExecutionProvider",)
     assert select_provider(torch.device("cuda", 1), both) == "CUDAExecutionProvider"
@@ -146,11 +147,9 @@ def test_provider_follows_the_model_device_and_the_installed_build(caplog):
 
 
 def test_cpu_sessions_stay_fp32_even_when_fp16_is_asked(tmp_path):
-    from ort_trainer.onnx import load_onnx_model
-
     model = tiny_model("bert").eval()
     sample = {key: torch.stack([row[key] for row in padded_rows(4)]) for key in ("input_ids", "attention_mask")}
-    onnx_model = load_onnx_model(model, sample, tmp_path, fp16=True)
+    onnx_model = Classifier.load(model, sample, tmp_path, fp16=True).session
     assert onnx_model.provider == "CPUExecutionProvider" and onnx_model.optimization.endswith("fp32")
     assert not list(tmp_path.glob("*fp16*"))
     with torch.no_grad():
@@ -160,12 +159,10 @@ def test_cpu_sessions_stay_fp32_even_when_fp16_is_asked(tmp_path):
 @pytest.mark.parametrize("name", ["bert", "roberta", "distilbert"])
 def test_transformer_fusions_apply_to_transformers_graphs(name, tmp_path):
     """ORT's optimizer fuses attention, embedding and layer norms into single nodes, with PyTorch's outputs."""
-    from ort_trainer.onnx import load_onnx_model
-
     model = tiny_model(name).eval()
     rows = padded_rows(8)
     sample = {key: torch.stack([row[key] for row in rows]) for key in ("input_ids", "attention_mask")}
-    onnx_model = load_onnx_model(model, sample, tmp_path)
+    onnx_model = Classifier.load(model, sample, tmp_path).session
     assert onnx_model.optimization == "transformer fusions, fp32"
     operators = [node.op_type for node in onnx.load(onnx_model.path).graph.node]
     layers = model.config.n_layers if name == "distilbert" else model.config.num_hidden_layers
@@ -177,16 +174,14 @@ def test_transformer_fusions_apply_to_transformers_graphs(name, tmp_path):
 
 
 def test_fused_graph_check_tolerates_swaps_only_between_near_ties():
-    from ort_trainer.onnx import _same_outputs
-
     def session(logits):
         return _Fixed(torch.tensor(logits))
 
     near_tie = session([[0.50000, 0.50002], [2.0, -1.0]])
     swapped = session([[0.50002, 0.50000], [2.0, -1.0]])
-    assert _same_outputs(near_tie, swapped, {})  # a 2e-5 swap between near-equal logits is within tolerance
-    assert not _same_outputs(session([[0.0, 1.0]]), session([[0.0, 1.001]]), {})  # beyond 1e-4
-    assert not _same_outputs(session([[0.0, 1e-3]]), session([[1e-3, 0.0]]), {})  # a clear decision changed
+    assert same_outputs(near_tie, swapped, {})  # a 2e-5 swap between near-equal logits is within tolerance
+    assert not same_outputs(session([[0.0, 1.0]]), session([[0.0, 1.001]]), {})  # beyond 1e-4
+    assert not same_outputs(session([[0.0, 1e-3]]), session([[1e-3, 0.0]]), {})  # a clear decision changed
 
 
 class _Fixed:

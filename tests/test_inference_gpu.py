@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from ort_trainer.import_utils import onnxruntime_providers
-from ort_trainer.onnx import load_onnx_model
+from ort_trainer.inference.classification import Classifier
+from ort_trainer.inference.seq2seq import Seq2SeqLM
 
 from .test_inference import padded_rows
 from .tiny_models import CONFIGS
@@ -32,7 +33,7 @@ def model_and_batch(head):
 @pytest.mark.parametrize("head", ["sequence", "token"])
 def test_fp32_cuda_session_equals_pytorch(head, tmp_path):
     model, batch = model_and_batch(head)
-    onnx_model = load_onnx_model(model, batch, tmp_path)
+    onnx_model = Classifier.load(model, batch, tmp_path).session
     assert onnx_model.provider == "CUDAExecutionProvider" and onnx_model.optimization.endswith("fp32")
     logits = onnx_model(batch)["logits"]
     assert logits.is_cuda  # I/O binding: the outputs never left the GPU
@@ -46,7 +47,7 @@ def test_fp32_cuda_session_equals_pytorch(head, tmp_path):
 @pytest.mark.parametrize("head", ["sequence", "token"])
 def test_fp16_cuda_session_agrees_with_pytorch_fp16(head, tmp_path):
     model, batch = model_and_batch(head)
-    onnx_model = load_onnx_model(model, batch, tmp_path, fp16=True)
+    onnx_model = Classifier.load(model, batch, tmp_path, fp16=True).session
     assert onnx_model.optimization.endswith("fp16") and onnx_model.path.name.endswith("_fp16.onnx")
     logits = onnx_model(batch)["logits"]
     assert logits.dtype == torch.float32  # inputs and outputs keep their types
@@ -59,40 +60,40 @@ def test_fp16_cuda_session_agrees_with_pytorch_fp16(head, tmp_path):
 
 @pytest.mark.parametrize("name", ["t5", "bart"])
 def test_cuda_generation_equals_pytorch(name, tmp_path):
-    from ort_trainer import generation
 
     from .test_generation import padded_batch
     from .tiny_models import tiny_model
 
     model = tiny_model(name).cuda().eval()
     sample = [tensor.cuda() for tensor in padded_batch(model, rows=2, length=7, seed=0)]
-    onnx_model = generation.load_seq2seq_onnx_model(model, *sample, tmp_path)
+    onnx_model = Seq2SeqLM.load(model, dict(zip(("input_ids", "attention_mask"), sample)), tmp_path)
     assert onnx_model.provider == "CUDAExecutionProvider"
     input_ids, attention_mask = (tensor.cuda() for tensor in padded_batch(model, rows=5, length=13, seed=1))
     for num_beams in (1, 4):
         settings = {"min_new_tokens": 12, "max_new_tokens": 17, "num_beams": num_beams}
         with torch.no_grad():
             expected = model.generate(input_ids=input_ids, attention_mask=attention_mask, **settings)
-        with generation.running_in_session(model, onnx_model):
+        with onnx_model.running(model):
             generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, **settings)
         assert generated.is_cuda and torch.equal(generated, expected)
 
 
 @pytest.mark.parametrize("name", ["t5", "bart"])
 def test_fp16_cuda_generation_agrees_with_pytorch_fp16(name, tmp_path):
-    from ort_trainer import generation
 
     from .test_generation import padded_batch
     from .tiny_models import tiny_model
 
     model = tiny_model(name).cuda().eval()
     input_ids, attention_mask = (tensor.cuda() for tensor in padded_batch(model, rows=16, length=13, seed=1))
-    onnx_model = generation.load_seq2seq_onnx_model(model, input_ids, attention_mask, tmp_path, fp16=True)
+    onnx_model = Seq2SeqLM.load(
+        model, {"input_ids": input_ids, "attention_mask": attention_mask}, tmp_path, fp16=True
+    )
     assert all(session.path.name.endswith("_fp16.onnx") for session in onnx_model.sessions)
     settings = {"min_new_tokens": 12, "max_new_tokens": 12}
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
         expected = model.generate(input_ids=input_ids, attention_mask=attention_mask, **settings)
-    with generation.running_in_session(model, onnx_model):
+    with onnx_model.running(model):
         generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, **settings)
     agreement = (generated == expected).float().mean().item()
     print(f"{name}: fp16 ORT and PyTorch fp16 autocast agree on {agreement:.1%} of generated tokens")

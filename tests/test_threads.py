@@ -8,7 +8,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, save
 
-from ort_trainer import onnx, threads
+from ort_trainer import threads
+from ort_trainer.inference.session import ONNXModel
 
 pytestmark = [
     pytest.mark.skipif(threads._omp_pause_resource_all() is None, reason="PyTorch's OpenMP runtime has no pause"),
@@ -49,7 +50,7 @@ def test_a_cpu_session_run_releases_them_first(tmp_path):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])],
     )
     save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "double.onnx")
-    session = onnx.ONNXModel.open(tmp_path / "double.onnx", "CPUExecutionProvider", torch.device("cpu"))
+    session = ONNXModel.open(tmp_path / "double.onnx", "CPUExecutionProvider", torch.device("cpu"))
     session({"x": torch.ones(3)})  # ONNX Runtime's own threads start with the first run
     workers = torch.get_num_threads() - 1
     before = after_a_parallel_torch_operation()

@@ -4,21 +4,18 @@ place of the model's own encoder and forward while `model.generate` runs. transf
 search with the model's generation config; every token comes out of ONNX Runtime, and each new token costs one
 decoder step."""
 
-import contextlib
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 
-from . import onnx
-from .transformers_compat import (
+from .. import transformers_compat
+from ..transformers_compat import (
     BaseModelOutput,
     FilledCache,
     Seq2SeqLMOutput,
     SessionCache,
-    attention,
     cache_argument,
     cross_attention_layers,
     encoder_decoder_cache,
@@ -26,16 +23,20 @@ from .transformers_compat import (
     output_cache,
     self_attention_layers,
 )
+from .export import GraphSpec, evaluating, export_key, reuse_or_export
+from .model import InferenceModel
+from .session import ONNXModel, convert_to_fp16, session_target, summed_axis
 
 GRAPHS = ("encoder", "cross_attention", "decoder", "decoder_with_past")
 SELF_ATTENTION, CROSS_ATTENTION = ("key", "value"), ("cross_key", "cross_value")
 
 
-def _past_names(layers: int, prefix: str, kinds: tuple) -> list:
+def past_names(layers: int, prefix: str, kinds: tuple) -> list:
+    """Graph input or output names of cached keys and values, e.g. `past.0.key`."""
     return [f"{prefix}.{layer}.{kind}" for layer in range(layers) for kind in kinds]
 
 
-def _pairs(tensors) -> list:
+def pairs(tensors) -> list:
     """Keys and values, one (key, value) pair per layer."""
     return [tuple(tensors[i : i + 2]) for i in range(0, len(tensors), 2)]
 
@@ -82,7 +83,7 @@ class _Decoder(torch.nn.Module):
             self_attention = FilledCache([(key, value) for key, value, _, _ in layers])
             cross_attention = FilledCache([(key, value) for _, _, key, value in layers])
         else:
-            self_attention, cross_attention = DynamicCache(), FilledCache(_pairs(past))
+            self_attention, cross_attention = DynamicCache(), FilledCache(pairs(past))
         outputs = self.model(
             decoder_input_ids=decoder_input_ids, attention_mask=encoder_attention_mask,
             encoder_outputs=(encoder_hidden_states,), use_cache=True, return_dict=True,
@@ -97,65 +98,58 @@ def _decoder_layers(model) -> int:
     return getattr(config, "num_decoder_layers", None) or getattr(config, "decoder_layers", None) or config.num_layers
 
 
-@contextlib.contextmanager
-def _exportable(model):
-    """In eval mode, without gradients, with eager attention (SDPA's masking shortcuts are decided in Python and
-    would be traced as constants of the sample's shape); the model's own settings come back afterwards."""
-    with attention(model, "eager"), onnx.evaluating(model):
-        yield
+def _graph_specs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+    """The four graphs, each with sample inputs computed by the graphs before it."""
+    layers = _decoder_layers(model)
+    encoder, cross_attention = _Encoder(model), _CrossAttention(model)
+    decoder, decoder_with_past = _Decoder(model, with_past=False), _Decoder(model, with_past=True)
+    start = torch.full(
+        (input_ids.shape[0], 2), model.config.decoder_start_token_id, dtype=torch.long, device=input_ids.device
+    )
+    hidden = encoder(input_ids, attention_mask)
+    cross = cross_attention(hidden)
+    first = decoder(start, attention_mask, hidden, *cross)
+    past = [tensor for self_kv, cross_kv in zip(pairs(first[1:]), pairs(cross)) for tensor in (*self_kv, *cross_kv)]
+
+    sequence = {0: "batch", 1: "source"}
+    decoder_inputs = ["decoder_input_ids", "encoder_attention_mask", "encoder_hidden_states"]
+    decoder_axes = {"encoder_attention_mask": sequence, "encoder_hidden_states": sequence}
+    cross_past, cross_present = (past_names(layers, prefix, CROSS_ATTENTION) for prefix in ("past", "present"))
+    self_past, self_present = (past_names(layers, prefix, SELF_ATTENTION) for prefix in ("past", "present"))
+
+    def axes(names, length: str) -> dict:
+        return {name: {0: "batch", 2: length} for name in names}
+
+    return {
+        "encoder": GraphSpec(
+            encoder, (input_ids, attention_mask), ["input_ids", "attention_mask"], ["last_hidden_state"],
+            {"input_ids": sequence, "attention_mask": sequence, "last_hidden_state": sequence},
+        ),
+        "cross_attention": GraphSpec(
+            cross_attention, (hidden,), ["encoder_hidden_states"], cross_present,
+            {"encoder_hidden_states": sequence} | axes(cross_present, "source"),
+        ),
+        "decoder": GraphSpec(
+            decoder, (start, attention_mask, hidden, *cross), [*decoder_inputs, *cross_past], ["logits", *self_present],
+            decoder_axes | {"decoder_input_ids": {0: "batch", 1: "target"}, "logits": {0: "batch", 1: "target"}}
+            | axes(cross_past, "source") | axes(self_present, "target"),
+        ),
+        "decoder_with_past": GraphSpec(
+            decoder_with_past, (start[:, :1], attention_mask, hidden, *past),
+            [*decoder_inputs, *past_names(layers, "past", SELF_ATTENTION + CROSS_ATTENTION)], ["logits", *self_present],
+            decoder_axes | {"decoder_input_ids": {0: "batch", 1: "step"}, "logits": {0: "batch", 1: "step"}}
+            | axes(cross_past, "source") | axes(self_past, "past") | axes(self_present, summed_axis("past", "step")),
+        ),
+    }
 
 
 def export_seq2seq(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, directory: Path) -> None:
     """Export the encoder, the cross-attention projections of its output, the first decoder step and the decoder
-    step with past keys and values."""
-    layers = _decoder_layers(model)
-    encoder, cross_attention = _Encoder(model), _CrossAttention(model)
-    decoder, decoder_with_past = _Decoder(model, with_past=False), _Decoder(model, with_past=True)
-    batch = input_ids.shape[0]
-    start = torch.full((batch, 2), model.config.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
-    with _exportable(model):
-        # Sample inputs for each graph, from the graphs before it.
-        hidden = encoder(input_ids, attention_mask)
-        cross = cross_attention(hidden)
-        first = decoder(start, attention_mask, hidden, *cross)
-    past = [tensor for self_kv, cross_kv in zip(_pairs(first[1:]), _pairs(cross)) for tensor in (*self_kv, *cross_kv)]
-    step = start[:, :1]
-    sequence = {0: "batch", 1: "source"}
-    decoder_inputs = ["decoder_input_ids", "encoder_attention_mask", "encoder_hidden_states"]
-    specs = {
-        "encoder": (
-            encoder, (input_ids, attention_mask), ["input_ids", "attention_mask"], ["last_hidden_state"],
-            {"input_ids": sequence, "attention_mask": sequence, "last_hidden_state": sequence},
-        ),
-        "cross_attention": (
-            cross_attention, (hidden,), ["encoder_hidden_states"],
-            _past_names(layers, "present", CROSS_ATTENTION),
-            {"encoder_hidden_states": sequence}
-            | {name: {0: "batch", 2: "source"} for name in _past_names(layers, "present", CROSS_ATTENTION)},
-        ),
-        "decoder": (
-            decoder, (start, attention_mask, hidden, *cross),
-            [*decoder_inputs, *_past_names(layers, "past", CROSS_ATTENTION)],
-            ["logits", *_past_names(layers, "present", SELF_ATTENTION)],
-            {"decoder_input_ids": {0: "batch", 1: "target"}, "encoder_attention_mask": sequence,
-             "encoder_hidden_states": sequence, "logits": {0: "batch", 1: "target"}}
-            | {name: {0: "batch", 2: "source"} for name in _past_names(layers, "past", CROSS_ATTENTION)}
-            | {name: {0: "batch", 2: "target"} for name in _past_names(layers, "present", SELF_ATTENTION)},
-        ),
-        "decoder_with_past": (
-            decoder_with_past, (step, attention_mask, hidden, *past),
-            [*decoder_inputs, *_past_names(layers, "past", SELF_ATTENTION + CROSS_ATTENTION)],
-            ["logits", *_past_names(layers, "present", SELF_ATTENTION)],
-            {"decoder_input_ids": {0: "batch", 1: "step"}, "encoder_attention_mask": sequence,
-             "encoder_hidden_states": sequence, "logits": {0: "batch", 1: "step"}}
-            | {name: {0: "batch", 2: "source"} for name in _past_names(layers, "past", CROSS_ATTENTION)}
-            | {name: {0: "batch", 2: "past"} for name in _past_names(layers, "past", SELF_ATTENTION)}
-            | {name: {0: "batch", 2: "past + step"} for name in _past_names(layers, "present", SELF_ATTENTION)},
-        ),
-    }
-    with _exportable(model):
-        for name, (module, args, input_names, output_names, axes) in specs.items():
-            onnx.export_module(module, args, input_names, output_names, axes, directory / f"{name}.onnx")
+    step with past keys and values. In eval mode with eager attention (SDPA's masking shortcuts are decided in Python
+    and would be traced as constants of the sample's shape); the model's own settings come back afterwards."""
+    with transformers_compat.attention(model, "eager"), evaluating(model):
+        for name, spec in _graph_specs(model, input_ids, attention_mask).items():
+            spec.export(directory / f"{name}.onnx")
 
 
 @dataclass
@@ -165,22 +159,47 @@ class _EncoderOutput(BaseModelOutput):
     cross_attention: tuple | None = None
 
 
-@dataclass
-class ONNXSeq2SeqModel:
+class _EncoderInSession(torch.nn.Module):
+    """What `model.get_encoder()` returns while ONNX Runtime generates."""
+
+    def __init__(self, seq2seq: "Seq2SeqLM"):
+        super().__init__()
+        self.seq2seq = seq2seq
+
+    def forward(self, input_ids=None, attention_mask=None, **unused):
+        return self.seq2seq.encode(input_ids, attention_mask)
+
+
+class Seq2SeqLM(InferenceModel):
     """The encoder and decoder sessions of an exported sequence-to-sequence model."""
 
-    encoder: onnx.ONNXModel
-    cross_attention: onnx.ONNXModel
-    decoder: onnx.ONNXModel
-    decoder_with_past: onnx.ONNXModel
+    runs = "Evaluation and generation"
 
-    @property
-    def provider(self) -> str:
-        return self.encoder.provider
+    def __init__(self, encoder: ONNXModel, cross_attention: ONNXModel, decoder: ONNXModel, decoder_with_past: ONNXModel):
+        self.encoder, self.cross_attention, self.decoder, self.decoder_with_past = self.sessions = (
+            encoder, cross_attention, decoder, decoder_with_past,
+        )
 
-    @property
-    def sessions(self) -> tuple:
-        return self.encoder, self.cross_attention, self.decoder, self.decoder_with_past
+    @staticmethod
+    def supports(model: torch.nn.Module) -> bool:
+        config = getattr(model, "config", None)
+        return getattr(config, "is_encoder_decoder", False) and model.can_generate()
+
+    @classmethod
+    def load(cls, model, sample_inputs: dict, directory: Path, fp16: bool = False, **unused) -> "Seq2SeqLM":
+        """The sessions of `model`, exported into `directory` from `sample_inputs` (reused while the weights and
+        config are unchanged); fp16 when `fp16` and running on CUDA, inputs and outputs in their own types."""
+        device, provider, fp16 = session_target(model, fp16)
+        directory = Path(directory)
+        key = export_key(model, graphs=list(GRAPHS), provider=provider, fp16=fp16)
+
+        def export() -> list:
+            export_seq2seq(model, sample_inputs["input_ids"], sample_inputs["attention_mask"], directory)
+            return [convert_to_fp16(directory / f"{graph}.onnx") if fp16 else f"{graph}.onnx" for graph in GRAPHS]
+
+        graphs = reuse_or_export(directory, key, export)
+        precision = "fp16" if fp16 else "fp32"
+        return cls(*(ONNXModel.open(directory / graph, provider, device, precision) for graph in graphs))
 
     def encode(self, input_ids, attention_mask) -> _EncoderOutput:
         hidden = self.encoder({"input_ids": input_ids, "attention_mask": attention_mask})["last_hidden_state"]
@@ -207,75 +226,29 @@ class ONNXSeq2SeqModel:
         }
         if cache is None or cache.get_seq_length() == 0:
             cross_attention = self._cross_attention_of(encoder_outputs)
-            names = _past_names(len(cross_attention) // 2, "past", CROSS_ATTENTION)
+            names = past_names(len(cross_attention) // 2, "past", CROSS_ATTENTION)
             logits, *present = self.decoder(inputs | dict(zip(names, cross_attention))).values()
-            return logits, SessionCache(_pairs(present), _pairs(cross_attention))
-        layers = [
-            (*self_kv, *cross_kv) for self_kv, cross_kv in zip(self_attention_layers(cache), cross_attention_layers(cache))
-        ]
-        names = _past_names(len(layers), "past", SELF_ATTENTION + CROSS_ATTENTION)
+            return logits, SessionCache(pairs(present), pairs(cross_attention))
+        layers = [(*own, *cross) for own, cross in zip(self_attention_layers(cache), cross_attention_layers(cache))]
+        names = past_names(len(layers), "past", SELF_ATTENTION + CROSS_ATTENTION)
         inputs |= dict(zip(names, (tensor for layer in layers for tensor in layer)))
         logits, *present = self.decoder_with_past(inputs).values()
-        for layer, (key, value) in enumerate(_pairs(present)):
+        for layer, (key, value) in enumerate(pairs(present)):
             cache.self_attention_cache.update(key, value, layer)
         return logits, cache
 
     def forward(self, model, input_ids=None, attention_mask=None, decoder_input_ids=None, encoder_outputs=None,
                 labels=None, **kwargs):
-        """The model's `forward` for generation and evaluation, computed in ONNX Runtime."""
         if encoder_outputs is None:
             encoder_outputs = self.encode(input_ids, attention_mask)
         if decoder_input_ids is None:
             decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)
         logits, cache = self.decode(decoder_input_ids, attention_mask, encoder_outputs, given_cache(kwargs))
-        loss = None
-        if labels is not None:  # the loss T5 and BART compute
-            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss = None if labels is None else transformers_compat.head_loss("ForConditionalGeneration", logits, labels, None)
         return Seq2SeqLMOutput(
             loss=loss, logits=logits, encoder_last_hidden_state=encoder_outputs[0], **cache_argument(cache)
         )
 
-
-class _EncoderInSession(torch.nn.Module):
-    """What `model.get_encoder()` returns while ONNX Runtime generates."""
-
-    def __init__(self, onnx_model: ONNXSeq2SeqModel):
-        super().__init__()
-        self.onnx_model = onnx_model
-
-    def forward(self, input_ids=None, attention_mask=None, **unused):
-        return self.onnx_model.encode(input_ids, attention_mask)
-
-
-@contextlib.contextmanager
-def running_in_session(model, onnx_model: ONNXSeq2SeqModel):
-    """Inside, `model(...)`, `model.get_encoder()` and so `model.generate(...)` compute in ONNX Runtime; the model's
-    own modules are not called."""
-    saved = {name: model.__dict__[name] for name in ("forward", "get_encoder") if name in model.__dict__}
-    encoder = _EncoderInSession(onnx_model)
-    # With the model's signature, which `generate` checks its arguments against.
-    model.forward = functools.wraps(model.forward)(lambda *args, **kwargs: onnx_model.forward(model, *args, **kwargs))
-    model.get_encoder = lambda *args, **kwargs: encoder
-    try:
-        yield
-    finally:
-        for name in ("forward", "get_encoder"):
-            del model.__dict__[name]
-        model.__dict__.update(saved)
-
-
-def load_seq2seq_onnx_model(model, input_ids, attention_mask, directory: Path, fp16: bool = False) -> ONNXSeq2SeqModel:
-    """The encoder and decoder sessions of `model`, exported into `directory` (reused while the weights and config
-    are unchanged); fp16 when `fp16` and running on CUDA, inputs and outputs in their own types."""
-    device, provider, fp16 = onnx.session_target(model, fp16)
-    directory = Path(directory)
-    key = onnx.export_key(model, graphs=list(GRAPHS), provider=provider, fp16=fp16)
-
-    def export() -> list:
-        export_seq2seq(model, input_ids, attention_mask, directory)
-        return [onnx.convert_to_fp16(directory / f"{graph}.onnx") if fp16 else f"{graph}.onnx" for graph in GRAPHS]
-
-    graphs = onnx.reuse_or_export(directory, key, export)
-    precision = "fp16" if fp16 else "fp32"
-    sessions = (onnx.ONNXModel.open(directory / graph, provider, device, precision) for graph in graphs)
-    return ONNXSeq2SeqModel(*sessions)
+    def replacements(self, model) -> dict:
+        encoder = _EncoderInSession(self)
+        return super().replacements(model) | {"get_encoder": lambda *args, **kwargs: encoder}

@@ -1,0 +1,49 @@
+"""What every head's ONNX Runtime counterpart does: inside `running(model)`, the model computes in its sessions."""
+
+import contextlib
+import functools
+
+import torch
+
+
+class InferenceModel:
+    """A model's exported graphs in ONNX Runtime sessions. Inside `running(model)`, `model(...)` (and for generative
+    models `model.generate(...)`) computes in them, so the Trainer's own prediction step, losses and generation run
+    unchanged around ONNX Runtime."""
+
+    sessions: tuple = ()
+    runs = "Evaluation"  # what the sessions take over, for the log
+
+    @property
+    def provider(self) -> str:
+        return self.sessions[0].provider
+
+    def description(self) -> str:
+        """The log line saying where evaluation runs."""
+        graphs = ", ".join(session.path.name for session in self.sessions)
+        return (
+            f"{self.runs} backend: ONNX Runtime on {self.provider} ({graphs} in {self.sessions[0].path.parent}, "
+            f"optimisation and precision: {self.sessions[0].optimization})."
+        )
+
+    def forward(self, model: torch.nn.Module, **inputs):
+        """The model's `forward`, computed in the sessions."""
+        raise NotImplementedError
+
+    def replacements(self, model: torch.nn.Module) -> dict:
+        """The model's methods to replace while running: `forward`, with the model's signature, which `generate`
+        checks its arguments against."""
+        return {"forward": functools.wraps(model.forward)(lambda *args, **kwargs: self.forward(model, *args, **kwargs))}
+
+    @contextlib.contextmanager
+    def running(self, model: torch.nn.Module):
+        """Inside, the model's own modules are not called."""
+        replacements = self.replacements(model)
+        saved = {name: model.__dict__[name] for name in replacements if name in model.__dict__}
+        model.__dict__.update(replacements)
+        try:
+            yield
+        finally:
+            for name in replacements:
+                del model.__dict__[name]
+            model.__dict__.update(saved)
