@@ -12,6 +12,7 @@ from ort_trainer.inference.classification import Classifier
 from ort_trainer.inference.fusion import same_outputs
 from ort_trainer.inference.session import _warn_once, select_provider
 
+from .conftest import CPU_RUN
 from .tiny_models import CONFIGS, VOCAB, tiny_model
 
 LENGTH = 16
@@ -43,9 +44,7 @@ def accuracy(prediction):
 
 def run(model, tmp_path, data, inference_with_ort):
     args = ORTTrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=8, per_device_eval_batch_size=8, max_steps=10,
-        learning_rate=1e-3, seed=0, report_to=[], use_cpu=True, save_strategy="no", ort_fallback="error",
-        inference_with_ort=inference_with_ort, disable_tqdm=True,
+        **CPU_RUN, output_dir=str(tmp_path), max_steps=10, ort_fallback="error", inference_with_ort=inference_with_ort
     )
     trainer = ORTTrainer(model=model, args=args, train_dataset=data, eval_dataset=data[:21], compute_metrics=accuracy)
     return trainer
