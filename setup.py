@@ -26,6 +26,6 @@ setup(
         "inference-gpu": ["onnxruntime-gpu>=1.17"],
         "examples": EXAMPLES,
         "benchmark": EXAMPLES + ["matplotlib"],
-        "tests": EXAMPLES + ["matplotlib", "pytest"],
+        "tests": EXAMPLES + ["matplotlib", "pytest", "ruff==0.17.6"],
     },
 )

@@ -87,6 +87,23 @@ def _as_ort_arguments(args: TrainingArguments | None, args_class: type) -> Train
     return args_class(**values)
 
 
+# What `evaluation_loop` reports besides the loss and `compute_metrics`' metrics.
+_LOOP_TIMINGS = ("model_preparation_time",)
+
+
+def _quantization_metrics(int8, fp32, prefix: str) -> dict:
+    """The share of the int8 graph's predictions that equal the fp32 graph's, and the fp32 graph's metrics."""
+    int8_logits, fp32_logits = (
+        output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions for output in (int8, fp32)
+    )
+    metrics = {f"{prefix}_int8_agreement": inference.agreement(int8_logits, fp32_logits, int8.label_ids)}
+    for key, value in fp32.metrics.items():
+        name = key.removeprefix(f"{prefix}_")
+        if name not in _LOOP_TIMINGS:
+            metrics[f"{prefix}_fp32_{name}"] = value
+    return metrics
+
+
 class ORTTrainer(Trainer):
     """A `transformers.Trainer` whose training forward and backward run in ONNX Runtime.
 
@@ -115,7 +132,7 @@ class ORTTrainer(Trainer):
         self._pytorch_fallback = None  # the model trained in PyTorch after ORT failed, with `--ort_fallback pytorch`
         self._fallback_reason = ""
         self._inference_model, self._inference_weights = None, None  # `--inference_with_ort`'s, for these weights
-        self._running_in_ort = False  # inside an evaluation loop whose model computes in ONNX Runtime
+        self._running_in = None  # the sessions the model computes in, inside an evaluation loop
 
     def train(self, *args, **kwargs):
         if not self.args.use_ort:
@@ -237,14 +254,23 @@ class ORTTrainer(Trainer):
         start = time.perf_counter()
         self._inference_model = self._load_inference_model(dataloader)
         setup_seconds = time.perf_counter() - start
-        self._running_in_ort = True
-        try:
-            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-        finally:
-            self._running_in_ort = False
+        # Quantized sessions are measured against their fp32 graph on the same data, through the same loop.
+        reference = self._inference_model.reference if self.args.ort_quantization_check else None
+        loop_args = (dataloader, description, prediction_loss_only and reference is None, ignore_keys, metric_key_prefix)
+        output = self._evaluation_loop_in(self._inference_model, *loop_args)
+        if reference is not None:
+            fp32 = self._evaluation_loop_in(reference, *loop_args)
+            output.metrics.update(_quantization_metrics(output, fp32, metric_key_prefix))
         # Export and session creation (or reuse) are part of the runtime; recorded apart, for benchmarks.
         output.metrics[f"{metric_key_prefix}_ort_setup_seconds"] = round(setup_seconds, 3)
         return output
+
+    def _evaluation_loop_in(self, inference_model: inference.InferenceModel, *loop_args):
+        self._running_in = inference_model
+        try:
+            return super().evaluation_loop(*loop_args)
+        finally:
+            self._running_in = None
 
     def _load_inference_model(self, dataloader) -> inference.InferenceModel:
         # Parameters change in place, which bumps their version counters: equal counters, same weights.
@@ -258,7 +284,8 @@ class ORTTrainer(Trainer):
         # when machines do not share the output folder (`--save_on_each_node`).
         with self.args.main_process_first(local=self.args.save_on_each_node, desc="ONNX export"):
             inference_model = inference.load_for_inference(
-                self.model, sample, directory, fp16=self.args.fp16, trim_padding=self._can_trim_padding()
+                self.model, sample, directory, fp16=self.args.fp16, trim_padding=self._can_trim_padding(),
+                quantize=self.args.ort_quantization == "dynamic_int8",
             )
         logger.info(inference_model.description())
         return inference_model
@@ -283,11 +310,11 @@ class ORTTrainer(Trainer):
         return trim_padding(model_inputs) if self._can_trim_padding() else model_inputs
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
-        if not self._running_in_ort:
+        if self._running_in is None:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys, **gen_kwargs)
         # The Trainer computes losses, label smoothing, `compute_loss_func` and generation as always; the model's
         # forward (and generation steps) compute in ONNX Runtime meanwhile.
-        with self._inference_model.running(self.model):
+        with self._running_in.running(self.model):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys, **gen_kwargs)
 
     def _save(self, output_dir=None, state_dict=None):

@@ -8,6 +8,7 @@ from .import_utils import ORT_TRAINING_INSTALL_HINT, is_onnxruntime_training_ava
 
 ORT_FUSED_ADAM = "adamw_ort_fused"
 ORT_LOG_LEVELS = ("VERBOSE", "DEVINFO", "INFO", "WARNING", "FATAL")
+ORT_QUANTIZATIONS = ("none", "dynamic_int8")
 
 
 @dataclass
@@ -83,6 +84,22 @@ class ORTTrainingArguments(TrainingArguments):
             "choices": ["cpu", "pytorch"],
         },
     )
+    ort_quantization: str = field(
+        default="none",
+        metadata={
+            "help": "With `--inference_with_ort` on CPU: `dynamic_int8` evaluates classifiers with ONNX Runtime's "
+            "dynamic quantization (int8 weights, activations quantized per batch), built once from the fp32 graph.",
+            "choices": list(ORT_QUANTIZATIONS),
+        },
+    )
+    ort_quantization_check: bool = field(
+        default=True,
+        metadata={
+            "help": "With `--ort_quantization dynamic_int8`, evaluate the fp32 graph too and report its metrics "
+            "(`eval_fp32_*`) and the share of predictions the int8 graph keeps (`eval_int8_agreement`). "
+            "`False` skips that second pass."
+        },
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Train into a non-empty `output_dir` anyway (without it the example scripts refuse, to keep what is there)."},
@@ -114,6 +131,15 @@ class ORTTrainingArguments(TrainingArguments):
             )
         if self.ort_log_level.upper() not in ORT_LOG_LEVELS:
             raise ValueError(f"`--ort_log_level` must be one of {', '.join(ORT_LOG_LEVELS)}, got `{self.ort_log_level}`.")
+        if self.ort_quantization not in ORT_QUANTIZATIONS:
+            raise ValueError(
+                f"`--ort_quantization` must be one of {', '.join(ORT_QUANTIZATIONS)}, got `{self.ort_quantization}`."
+            )
+        if self.ort_quantization != "none" and not self.inference_with_ort:
+            raise ValueError(
+                f"`--ort_quantization {self.ort_quantization}` quantizes the ONNX Runtime evaluation graph, but "
+                "`--inference_with_ort` is off. To fix: add `--inference_with_ort`, or drop `--ort_quantization`."
+            )
         if self.use_ort and not is_onnxruntime_training_available():
             raise ValueError(
                 f"ONNX Runtime training is not installed. To fix: {ORT_TRAINING_INSTALL_HINT}, "

@@ -1,6 +1,7 @@
 """Runs an example script's `main()` in this process, as its command line would, for the tests."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -33,3 +34,16 @@ def common(output_dir):
         "--output_dir", output_dir, "--report_to", "none", "--use_cpu", "--seed", "42", "--ort_fallback", "error",
         "--disable_tqdm", "True", "--save_strategy", "no",
     ]
+
+
+QUANTIZED_OPERATORS = {"MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "QAttention", "QGemm"}
+
+
+def int8_operators(onnx_dir: Path) -> dict:
+    """How many quantized operators each kind the int8 graph of an `--ort_quantization dynamic_int8` run has."""
+    import onnx
+
+    graphs = json.loads((onnx_dir / "model.json").read_text())["graphs"]
+    (int8,) = [graph for graph in graphs if graph.endswith("_int8.onnx")]
+    operators = [node.op_type for node in onnx.load(onnx_dir / int8).graph.node]
+    return {operator: operators.count(operator) for operator in QUANTIZED_OPERATORS if operator in operators}

@@ -10,7 +10,7 @@ from ort_trainer import ORTTrainer, ORTTrainingArguments
 from ort_trainer.inference import ONNXExportError
 from ort_trainer.inference.classification import Classifier
 from ort_trainer.inference.fusion import same_outputs
-from ort_trainer.inference.session import _warn_once, select_provider
+from ort_trainer.inference.session import warn_once, select_provider
 
 from .conftest import CPU_RUN
 from .tiny_models import CONFIGS, VOCAB, tiny_model
@@ -127,7 +127,7 @@ def test_model_that_cannot_be_exported_names_the_operator(tmp_path):
 
 
 def test_provider_follows_the_model_device_and_the_installed_build(caplog):
-    _warn_once.cache_clear()
+    warn_once.cache_clear()
     both, cpu_only = ("CUDAExecutionProvider", "CPUExecutionProvider"), ("CPUExecutionProvider",)
     assert select_provider(torch.device("cuda", 1), both) == "CUDAExecutionProvider"
     assert select_provider(torch.device("cpu"), both) == "CPUExecutionProvider"

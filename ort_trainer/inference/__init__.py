@@ -12,13 +12,16 @@ from .causal_lm import CausalLM
 from .classification import Classifier
 from .export import ONNXExportError
 from .model import InferenceModel
+from .quantization import agreement
 from .seq2seq import Seq2SeqLM
-from .session import select_provider
+from .session import warn_once, select_provider
 
 # Tried in order: the first whose `supports(model)` is true loads the model's sessions.
 HEADS = (Seq2SeqLM, CausalLM, Classifier)
 
-__all__ = ["HEADS", "InferenceModel", "ONNXExportError", "load_for_inference", "select_provider", "supports"]
+__all__ = [
+    "HEADS", "InferenceModel", "ONNXExportError", "agreement", "load_for_inference", "select_provider", "supports",
+]
 
 
 def supports(model: torch.nn.Module) -> bool:
@@ -27,9 +30,10 @@ def supports(model: torch.nn.Module) -> bool:
 
 
 def load_for_inference(model: torch.nn.Module, sample_inputs: dict, directory: Path, fp16: bool = False,
-                       trim_padding: bool = False) -> InferenceModel:
+                       trim_padding: bool = False, quantize: bool = False) -> InferenceModel:
     """`model`'s sessions, exported from `sample_inputs` into `directory` (or reused from there while the weights and
-    config are unchanged). `fp16` applies on CUDA; `trim_padding` lets classifiers drop all-padding columns."""
+    config are unchanged). `fp16` applies on CUDA, `quantize` (dynamic int8) on the CPU, to heads that can have it;
+    `trim_padding` lets classifiers drop all-padding columns."""
     head = next((head for head in HEADS if head.supports(model)), None)
     if head is None:
         raise ONNXExportError(
@@ -37,4 +41,10 @@ def load_for_inference(model: torch.nn.Module, sample_inputs: dict, directory: P
             f"models; {type(model).__name__} is none of these. To fix: evaluate it in PyTorch (drop "
             "`--inference_with_ort`)."
         )
-    return head.load(model, sample_inputs, Path(directory), fp16=fp16, trim_padding=trim_padding)
+    if quantize and not head.can_quantize:
+        warn_once(
+            f"`--ort_quantization dynamic_int8` applies to sequence and token classifiers; {type(model).__name__} "
+            "evaluates with its fp32 graphs."
+        )
+    settings = {"quantize": quantize} if head.can_quantize else {}
+    return head.load(model, sample_inputs, Path(directory), fp16=fp16, trim_padding=trim_padding, **settings)

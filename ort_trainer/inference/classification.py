@@ -12,7 +12,8 @@ from ..padding import trim_padding
 from . import fusion
 from .export import evaluating, export_key, export_module, reuse_or_export
 from .model import InferenceModel
-from .session import ONNXModel, convert_to_fp16, session_target
+from .quantization import quantize_dynamic_int8
+from .session import ONNXModel, warn_once, convert_to_fp16, session_target
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +70,13 @@ def _export_and_choose_graph(model, sample_inputs, directory: Path, provider: st
 
 class Classifier(InferenceModel):
     """A sequence or token classifier's graph in a session. Its forward computes the logits there and, given labels,
-    the loss the model's own forward computes from them."""
+    the loss the model's own forward computes from them. A quantized classifier keeps its fp32 counterpart as
+    `reference`."""
 
-    def __init__(self, session: ONNXModel, head: str, trim: bool):
-        self.session, self.head, self.trim = session, head, trim
+    can_quantize = True
+
+    def __init__(self, session: ONNXModel, head: str, trim: bool, reference: "Classifier | None" = None):
+        self.session, self.head, self.trim, self.reference = session, head, trim, reference
         self.sessions = (session,)
 
     @staticmethod
@@ -81,22 +85,40 @@ class Classifier(InferenceModel):
 
     @classmethod
     def load(cls, model, sample_inputs: dict, directory: Path, fp16: bool = False, trim_padding: bool = False,
-             optimize: bool = True) -> "Classifier":
+             quantize: bool = False, optimize: bool = True) -> "Classifier":
         """Exported into `directory` (reused while the weights and config are unchanged), fused when the fused graph
         gives the same outputs on `sample_inputs`, in fp16 when `fp16` and running on CUDA (inputs and outputs keep
-        their types). `trim_padding` drops all-padding columns of each batch before the session runs it."""
+        their types), or in dynamic int8 when `quantize` and running on the CPU. `trim_padding` drops all-padding
+        columns of each batch before the session runs it."""
         device, provider, fp16 = session_target(model, fp16)
+        if quantize and provider != "CPUExecutionProvider":
+            warn_once(
+                f"`--ort_quantization dynamic_int8` applies to CPU sessions only; on {provider} the classifier "
+                f"evaluates in {'fp16' if fp16 else 'fp32'}."
+            )
+            quantize = False
         directory = Path(directory)
-        key = export_key(model, inputs=sorted(sample_inputs), provider=provider, optimize=optimize, fp16=fp16)
+        key = export_key(
+            model, inputs=sorted(sample_inputs), provider=provider, optimize=optimize, fp16=fp16, quantize=quantize
+        )
 
         def export() -> list:
             graph = _export_and_choose_graph(model, sample_inputs, directory, provider, device, optimize)
-            return [convert_to_fp16(directory / graph) if fp16 else graph]
+            if fp16:
+                return [convert_to_fp16(directory / graph)]
+            return [graph, quantize_dynamic_int8(directory / graph)] if quantize else [graph]
 
-        (graph,) = reuse_or_export(directory, key, export)
+        graph, *quantized = reuse_or_export(directory, key, export)
         optimization = "transformer fusions" if "optimized" in graph else "none"
-        session = ONNXModel.open(directory / graph, provider, device, f"{optimization}, {'fp16' if fp16 else 'fp32'}")
-        return cls(session, classifier_head(model), trim_padding)
+        head = classifier_head(model)
+        fp32 = cls(
+            ONNXModel.open(directory / graph, provider, device, f"{optimization}, {'fp16' if fp16 else 'fp32'}"),
+            head, trim_padding,
+        )
+        if not quantized:
+            return fp32
+        int8 = ONNXModel.open(directory / quantized[0], provider, device, f"{optimization}, dynamic int8")
+        return cls(int8, head, trim_padding, reference=fp32)
 
     def forward(self, model, labels=None, **inputs):
         feeds = {name: inputs[name] for name in self.session.input_names}

@@ -13,6 +13,8 @@ class InferenceModel:
 
     sessions: tuple = ()
     runs = "Evaluation"  # what the sessions take over, for the log
+    can_quantize = False  # whether `load(..., quantize=True)` builds int8 sessions
+    reference = None  # the fp32 counterpart of int8 sessions
 
     @property
     def provider(self) -> str:

@@ -48,13 +48,13 @@ def select_provider(device: torch.device, available: tuple, without_cuda: str = 
     if "CUDAExecutionProvider" in available:
         return "CUDAExecutionProvider"
     if without_cuda == "pytorch":
-        _warn_once(
+        warn_once(
             f"The model is on {device}, but the installed ONNX Runtime has no CUDAExecutionProvider: evaluating in "
             "PyTorch (`--ort_inference_without_cuda pytorch`). To evaluate with ONNX Runtime on the GPU: pip install "
             "onnxruntime-gpu."
         )
         return None
-    _warn_once(
+    warn_once(
         f"The model is on {device}, but the installed ONNX Runtime has no CUDAExecutionProvider: evaluating with ONNX "
         "Runtime on the CPU. To evaluate on the GPU: pip install onnxruntime-gpu; to evaluate in PyTorch instead: "
         "`--ort_inference_without_cuda pytorch`."
@@ -63,7 +63,7 @@ def select_provider(device: torch.device, available: tuple, without_cuda: str = 
 
 
 @functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
+def warn_once(message: str) -> None:
     logger.warning(message)
 
 
