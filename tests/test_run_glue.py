@@ -85,6 +85,7 @@ def bad_input_cases(tmp_path):
         "not exportable": (["--config_name", fnet, "--train_tokenizer", *files("validation"), "--do_eval", "--max_seq_length", "48", "--use_ort", "False", "--inference_with_ort"], "Could not export FNetForSequenceClassification to ONNX for `--inference_with_ort`: Exporting the operator 'aten::fft_fftn' to ONNX opset version 17 is not supported. To fix: evaluate in PyTorch (drop `--inference_with_ort`)."),
         "fp16 on cpu": ([*scratch, *files("train"), "--do_train", "--fp16"], "`--fp16` needs a GPU, and this run is on CPU. To fix: drop `--fp16`, or use `--bf16 --use_cpu`."),
         "bf16 with ort on cpu": ([*scratch, *files("train"), "--do_train", "--bf16"], "`--bf16` with ONNX Runtime training needs a GPU: ONNX Runtime's CPU build has no bf16 kernels. To fix: drop `--bf16`, or train in bf16 with PyTorch (`--use_ort False`)."),
+        "int8 without ort inference": ([*scratch, *files("train"), "--do_train", "--ort_quantization", "dynamic_int8"], "`--ort_quantization dynamic_int8` quantizes the ONNX Runtime evaluation graph, but `--inference_with_ort` is off. To fix: add `--inference_with_ort`, or drop `--ort_quantization`."),
         "fused adam on cpu": ([*scratch, *files("train"), "--do_train", "--optim", "adamw_ort_fused"], "`--optim adamw_ort_fused` runs only on CUDA, but this run uses cpu. To fix: use `--optim adamw_torch` on CPU."),
     }
 
