@@ -150,8 +150,8 @@ def main():
         )
     if label_to_id is not None:  # a column of string labels keeps its type: its ids come back as strings
         raw_datasets = datasets.DatasetDict({
-            split: dataset.cast_column("label", datasets.Value("int64")) if "label" in dataset.column_names else dataset
-            for split, dataset in raw_datasets.items()
+            split: dataset.cast_column("label", datasets.Value("int64")) if "label" in dataset.column_names
+            else dataset for split, dataset in raw_datasets.items()
         })
 
     train_dataset = utils.cap(raw_datasets["train"], data_args.max_train_samples) if training_args.do_train else None
