@@ -137,7 +137,7 @@ def main():
     if model.config.decoder_start_token_id is None:
         raise ValueError("The model's config has no `decoder_start_token_id`: set it in the config.")
 
-    # Lengths the model's positions take, and generation settings: checked now, not after training.
+    # Lengths the model's positions take, and generation settings (checked below): before training.
     for name in ("max_source_length", "max_target_length", "val_max_target_length"):
         setattr(data_args, name, utils.cap_length(getattr(data_args, name), tokenizer, model.config, f"--{name}"))
     max_length = training_args.generation_max_length
@@ -146,7 +146,6 @@ def main():
     num_beams = data_args.num_beams if data_args.num_beams is not None else training_args.generation_num_beams
     if training_args.do_eval or training_args.do_predict:
         max_length = utils.cap_length(max_length, tokenizer, model.config, "--generation_max_length")
-        check_generation(model, max_length, num_beams, beams_flag)
 
     # Preprocessing.
     prefix = data_args.source_prefix or ""
@@ -219,6 +218,8 @@ def main():
         data_collator=collator,
         compute_metrics=compute_metrics if training_args.predict_with_generate else None,
     )
+    if training_args.do_eval or training_args.do_predict:  # with `--generation_config`, once the trainer loaded it
+        check_generation(model, max_length, num_beams, beams_flag)
 
     if training_args.do_train:
         utils.train(trainer, training_args, checkpoint, len(tokenized["train"]))
@@ -243,8 +244,8 @@ def check_generation(model, max_length: int, num_beams: int | None, beams_flag: 
     if num_beams is not None and num_beams < 1:
         raise ValueError(f"`{beams_flag}` must be 1 or more, got {num_beams}. To fix: pass a positive `{beams_flag}`.")
     generation_config = copy.deepcopy(model.generation_config)
-    generation_config.update(max_length=max_length, **({} if num_beams is None else {"num_beams": num_beams}))
-    try:
+    try:  # `update` validates, as `validate` does
+        generation_config.update(max_length=max_length, **({} if num_beams is None else {"num_beams": num_beams}))
         generation_config.validate()
     except ValueError as error:
         raise ValueError(
