@@ -11,11 +11,7 @@ from ort_trainer import ORTTrainer
 from ort_trainer.ortmodule import ORTTrainingError, is_ortmodule, ortmodule_status
 from ort_trainer.trainer import TrainingDataError
 
-from .test_trainer import ort_args
 from .tiny_models import SEQ, VOCAB, tiny_dataset, tiny_model
-
-PLAIN = dict(per_device_train_batch_size=8, learning_rate=1e-3, seed=0, report_to=[], use_cpu=True, save_strategy="no")
-
 
 def trained_in_ort(trainer) -> bool:
     return ortmodule_status(trainer.accelerator.unwrap_model(trainer.model_wrapped)).backend == "onnxruntime"
@@ -34,14 +30,16 @@ class LoggedKeys(TrainerCallback):
         self.keys.append(sorted(logs))
 
 
-def test_log_history_and_on_log_are_trainers_own_first_step_time_is_a_train_metric(tmp_path):
+def test_log_history_and_on_log_are_trainers_own_first_step_time_is_a_train_metric(cpu_args):
     runs = {}
     for name, trainer_class, args in (
-        ("plain", Trainer, TrainingArguments(output_dir=str(tmp_path / "plain"), max_steps=3, logging_steps=1, **PLAIN)),
-        ("ort", ORTTrainer, ort_args(tmp_path, max_steps=3, logging_steps=1)),
+        ("plain", Trainer, cpu_args("plain", args_class=TrainingArguments, max_steps=3, logging_steps=1)),
+        ("ort", ORTTrainer, cpu_args("ort", max_steps=3, logging_steps=1)),
     ):
         callback = LoggedKeys()
-        trainer = trainer_class(model=tiny_model("bert"), args=args, train_dataset=tiny_dataset("bert"), callbacks=[callback])
+        trainer = trainer_class(
+            model=tiny_model("bert"), args=args, train_dataset=tiny_dataset("bert"), callbacks=[callback]
+        )
         runs[name] = trainer, trainer.train(), callback
     (plain, plain_output, plain_logged), (ort, ort_output, ort_logged) = runs["plain"], runs["ort"]
     assert trained_in_ort(ort)
@@ -58,8 +56,8 @@ class ConfigWithOwnFields(TrainingArguments):
     max_prompt_length: int = field(default=64, metadata={"help": "A field TrainingArguments does not have."})
 
 
-def test_training_arguments_subclass_keeps_its_fields_and_trains_in_ort(tmp_path):
-    args = ConfigWithOwnFields(output_dir=str(tmp_path / "out"), max_steps=2, max_prompt_length=7, **PLAIN)
+def test_training_arguments_subclass_keeps_its_fields_and_trains_in_ort(cpu_args, tmp_path):
+    args = cpu_args(args_class=ConfigWithOwnFields, max_steps=2, max_prompt_length=7)
     trainer = ORTTrainer(model=tiny_model("bert"), args=args, train_dataset=tiny_dataset("bert"))
     assert isinstance(trainer.args, ConfigWithOwnFields) and trainer.args.max_prompt_length == 7
     assert trainer.args.use_ort and trainer.args.ort_fallback == "pytorch" and trainer.args.max_steps == 2
@@ -76,14 +74,13 @@ def without_attention_mask(rows):
     return [{key: value for key, value in row.items() if key != "attention_mask"} for row in rows]
 
 
-def test_gpt2_batches_without_attention_mask_train_in_ort_like_pytorch(tmp_path):
+def test_gpt2_batches_without_attention_mask_train_in_ort_like_pytorch(cpu_args):
     data = without_attention_mask(tiny_dataset("gpt2"))
     reference = Trainer(
-        model=tiny_model("gpt2"), args=TrainingArguments(output_dir=str(tmp_path / "torch"), max_steps=3, **PLAIN),
-        train_dataset=data,
+        model=tiny_model("gpt2"), args=cpu_args("torch", args_class=TrainingArguments, max_steps=3), train_dataset=data
     )
     reference.train()
-    ort = ORTTrainer(model=tiny_model("gpt2"), args=ort_args(tmp_path, max_steps=3), train_dataset=data)
+    ort = ORTTrainer(model=tiny_model("gpt2"), args=cpu_args("ort", max_steps=3), train_dataset=data)
     ort.train()
     assert trained_in_ort(ort)
     assert_same_weights(ort.model, reference.model, atol=1e-5)
@@ -116,8 +113,8 @@ def ids_beyond_vocabulary(rows):
          "(`model.resize_token_embeddings`)."),
     ],
 )
-def test_bad_training_data_is_a_data_error_not_an_ort_failure(corrupt, message, fallback, tmp_path, caplog):
-    args = ort_args(tmp_path, max_steps=2, ort_fallback=fallback)
+def test_bad_training_data_is_a_data_error_not_an_ort_failure(corrupt, message, fallback, cpu_args, caplog):
+    args = cpu_args(max_steps=2, ort_fallback=fallback)
     trainer = ORTTrainer(model=tiny_model("bert"), args=args, train_dataset=corrupt(tiny_dataset("bert")))
     with caplog.at_level("WARNING", logger="ort_trainer"), pytest.raises(TrainingDataError) as raised:
         trainer.train()
@@ -137,18 +134,18 @@ class DiffClassifier(torch.nn.Module):
         return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
 
 
-def test_ort_failure_names_its_root_cause(tmp_path, caplog):
+def test_ort_failure_names_its_root_cause(cpu_args, caplog):
     expected = (
         "ONNX Runtime could not train DiffClassifier: There was an error while exporting the PyTorch model to ONNX: "
         "torch.onnx.errors.UnsupportedOperatorError: Exporting the operator 'aten::diff' to ONNX opset version 17 "
         "is not supported."
     )
-    trainer = ORTTrainer(model=DiffClassifier(), args=ort_args(tmp_path, max_steps=2), train_dataset=tiny_dataset("bert"))
+    trainer = ORTTrainer(model=DiffClassifier(), args=cpu_args(max_steps=2), train_dataset=tiny_dataset("bert"))
     with pytest.raises(ORTTrainingError) as raised:
         trainer.train()
     assert str(raised.value).startswith(expected + " To fix: pass `--ort_fallback pytorch`")
 
-    args = ort_args(tmp_path, max_steps=2, ort_fallback="pytorch")
+    args = cpu_args("fallback", max_steps=2, ort_fallback="pytorch")
     trainer = ORTTrainer(model=DiffClassifier(), args=args, train_dataset=tiny_dataset("bert"))
     with caplog.at_level("WARNING", logger="ort_trainer"):
         trainer.train()
@@ -165,12 +162,11 @@ def uneven_causal_lm_rows(size=32):
     return rows
 
 
-def test_gradient_accumulation_4_by_2_equals_1_by_8_in_ort(tmp_path):
+def test_gradient_accumulation_4_by_2_equals_1_by_8_in_ort(cpu_args):
     trainers = {}
     for batch, steps in ((2, 4), (8, 1)):
-        args = ort_args(
-            tmp_path / f"{batch}x{steps}", max_steps=3, per_device_train_batch_size=batch,
-            gradient_accumulation_steps=steps,
+        args = cpu_args(
+            f"{batch}x{steps}", max_steps=3, per_device_train_batch_size=batch, gradient_accumulation_steps=steps
         )
         trainers[batch] = ORTTrainer(model=tiny_model("gpt2"), args=args, train_dataset=uneven_causal_lm_rows())
         trainers[batch].train()
@@ -181,18 +177,19 @@ def test_gradient_accumulation_4_by_2_equals_1_by_8_in_ort(tmp_path):
     assert losses[2] == pytest.approx(losses[8], abs=1e-5)
 
 
-def test_checkpoint_of_ort_training_resumes_in_pytorch_with_the_same_weights(tmp_path):
-    uninterrupted = ORTTrainer(model=tiny_model("bert"), args=ort_args(tmp_path / "full", max_steps=8),
-                               train_dataset=tiny_dataset("bert"))
+def test_checkpoint_of_ort_training_resumes_in_pytorch_with_the_same_weights(cpu_args, tmp_path):
+    uninterrupted = ORTTrainer(
+        model=tiny_model("bert"), args=cpu_args("full", max_steps=8), train_dataset=tiny_dataset("bert")
+    )
     uninterrupted.train()
-    args = ort_args(tmp_path / "ort", max_steps=8, save_strategy="steps", save_steps=4)
+    args = cpu_args("ort", max_steps=8, save_strategy="steps", save_steps=4)
     interrupted = ORTTrainer(model=tiny_model("bert"), args=args, train_dataset=tiny_dataset("bert"))
     interrupted.train()
     assert trained_in_ort(interrupted) and trained_in_ort(uninterrupted)
 
-    pytorch_args = ort_args(tmp_path / "ort", max_steps=8, use_ort=False)
+    pytorch_args = cpu_args("ort", max_steps=8, use_ort=False)
     resumed = ORTTrainer(model=tiny_model("bert"), args=pytorch_args, train_dataset=tiny_dataset("bert"))
-    resumed.train(resume_from_checkpoint=str(tmp_path / "ort" / "out" / "checkpoint-4"))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "ort" / "checkpoint-4"))
     assert not is_ortmodule(resumed.accelerator.unwrap_model(resumed.model_wrapped))
     assert resumed.state.global_step == 8
     assert_same_weights(resumed.model, uninterrupted.model, atol=1e-5)
