@@ -4,9 +4,11 @@ Only hooks are overridden, each around a `super()` call (written against transfo
 - `_wrap_model` puts the model in an ORTModule for training and lets accelerate wrap that (DDP outside ORT);
 - `get_optimizer_cls_and_kwargs` adds ORT's FusedAdam;
 - `compute_loss` runs the loss inside the ORT graph with `--use_module_with_loss`;
-- `training_step` drops all-padding columns, and on the first step reports which backend really ran (or why
-  ORT could not, then fails or falls back to PyTorch);
-- `train` and `_save` switch the model to what ORT can differentiate for training and back;
+- `training_step` refuses bad batches as data errors, adds the attention mask a model takes by default, drops
+  all-padding columns, and on the first step reports which backend really ran (or why ORT could not, then fails
+  or falls back to PyTorch);
+- `train` and `_save` switch the model to what ORT can differentiate for training and back; `train` adds the
+  first step's time (ORT's export and graph build) to its metrics as `train_first_step_seconds`;
 - `evaluation_loop` and `prediction_step` run `--inference_with_ort` in an InferenceSession; for
   sequence-to-sequence models `Seq2SeqTrainer`'s generation runs with ONNX Runtime sessions in place of the model.
 `self.model` stays the plain model, so checkpoints are ordinary Hugging Face checkpoints.
