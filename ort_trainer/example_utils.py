@@ -216,6 +216,7 @@ def start(data_arguments_class, training_arguments_class=ORTTrainingArguments):
     """What every script does first: parse its options (model, data, training), set up logging, find the
     checkpoint to resume from, seed. Returns the three argument objects and the checkpoint."""
     model_args, data_args, training_args = parse_arguments(ModelArguments, data_arguments_class, training_arguments_class)
+    check_counts(data_args, training_args)
     setup_logging(training_args)
     checkpoint = last_checkpoint(training_args)
     set_seed(training_args.seed)
@@ -227,7 +228,23 @@ def parse_arguments(*dataclass_types):
     parser = HfArgumentParser(dataclass_types)
     if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+    if len(sys.argv) > 2 and sys.argv[1].endswith(".json"):  # argparse would drop the file without a word
+        raise ValueError(
+            f"An options file must come alone, and {sys.argv[1]} came with {' '.join(sys.argv[2:])}. To fix: put "
+            "those options into the file, or give every option on the command line."
+        )
     return parser.parse_args_into_dataclasses()
+
+
+def check_counts(data_args, training_args) -> None:
+    """Counts that must be positive, which `Trainer` would otherwise divide by or sample with after setting up."""
+    data_counts = ("max_train_samples", "max_eval_samples", "max_predict_samples")
+    counts = {name: getattr(data_args, name) for name in data_counts}
+    for name in ("gradient_accumulation_steps", "per_device_train_batch_size", "per_device_eval_batch_size"):
+        counts[name] = getattr(training_args, name)
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise ValueError(f"`--{name}` must be 1 or more, got {value}. To fix: pass a positive `--{name}`.")
 
 
 def setup_logging(training_args) -> None:
