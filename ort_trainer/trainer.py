@@ -232,6 +232,7 @@ class ORTTrainer(Trainer):
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        batch = inputs  # as the data loader gave it
         if self._pytorch_fallback is not None:
             model = self._pytorch_fallback  # the training loop still holds the ORTModule it was given
         elif self.args.use_ort:
@@ -246,7 +247,7 @@ class ORTTrainer(Trainer):
             unwrapped = self.accelerator.unwrap_model(model)
             if not ortmodule.is_ortmodule(unwrapped):
                 raise
-            self._raise_if_fails_in_pytorch(inputs, num_items_in_batch)
+            self._raise_if_fails_in_pytorch(batch, num_items_in_batch)
             reason = ortmodule.describe_failure(unwrapped, error)
             if self.args.ort_fallback == "error":
                 raise ortmodule.ORTTrainingError(
@@ -275,8 +276,8 @@ class ORTTrainer(Trainer):
 
     def _raise_if_fails_in_pytorch(self, inputs: dict, num_items_in_batch) -> None:
         """ORT's export runs the model in PyTorch, so bad data fails there first and looks like an ORT failure.
-        The batch runs once more in plain PyTorch (no gradients, random state kept): if it fails there too, the
-        data is at fault, and `--ort_fallback pytorch` could not help."""
+        The batch, as the data loader gave it, runs once more in plain PyTorch (no gradients, random state kept):
+        if it fails there too, the data is at fault, and `--ort_fallback pytorch` could not help."""
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
                 self.compute_loss(self.model, self._prepare_inputs(inputs), num_items_in_batch=num_items_in_batch)

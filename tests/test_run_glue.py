@@ -331,3 +331,12 @@ def test_max_seq_length_beyond_the_positions_is_capped_with_a_warning(monkeypatc
                  "--max_seq_length", "200", "--max_steps", "2", *common(tmp_path / "out"))
     assert "`--max_seq_length 200` is more than the model takes (64 tokens): using 64." in caplog.text
     assert "Training backend: onnxruntime on cpu." in caplog.text
+
+
+def test_test_file_without_labels_is_predicted_with_the_label_names(monkeypatch, tmp_path):
+    train = write(tmp_path / "train.csv", "sentence,label\n" + "the film was good,pos\nthe film was bad,neg\n" * 8)
+    test = write(tmp_path / "test.csv", "sentence\na good film\na bad film\n")
+    run_glue(monkeypatch, "--config_name", MODEL_CONFIG, "--train_tokenizer", "--train_file", train, "--test_file", test,
+             "--do_train", "--do_predict", "--max_steps", "2", "--max_seq_length", "16", *common(tmp_path / "out"))
+    lines = (tmp_path / "out" / "predict_results_dataset.txt").read_text().splitlines()
+    assert len(lines) == 3 and {line.split("\t")[1] for line in lines[1:]} <= {"pos", "neg"}

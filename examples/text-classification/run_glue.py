@@ -67,10 +67,12 @@ def text_columns(task_name, column_names):
 
 
 def check_cells(raw_datasets, columns):
-    """Every row has a text and (where the split has labels) a label, each a single value: an empty label cell
-    would otherwise turn the task into regression, an empty text fail in the tokenizer."""
+    """Every row has a text and a label (the test data may leave labels out), each a single value: an empty
+    label cell would otherwise turn the task into regression, an empty text fail in the tokenizer."""
     for split, dataset in raw_datasets.items():
         for column in [name for name in columns if name in dataset.column_names]:
+            if split == "test" and column == "label" and dataset.unique("label") == [None]:
+                continue
             if not isinstance(dataset.features[column], (datasets.Value, datasets.ClassLabel)):
                 raise ValueError(
                     f"The `{column}` column of the {split} data holds {type(dataset[0][column]).__name__} values, "
@@ -131,7 +133,8 @@ def main():
     # Preprocessing.
     for split in ("validation", "test"):
         if label_to_id is not None and split in raw_datasets and "label" in raw_datasets[split].column_names:
-            unseen = set(map(str, raw_datasets[split].unique("label"))) - set(label_to_id) - {"-1"}
+            labels = {str(label) for label in raw_datasets[split].unique("label") if label is not None}
+            unseen = labels - set(label_to_id) - {"-1"}
             if unseen:
                 raise ValueError(f"`--{split}_file` has labels never seen in training: {', '.join(sorted(unseen))}.")
     max_seq_length = utils.cap_length(data_args.max_seq_length, tokenizer, model.config, "--max_seq_length")
