@@ -151,8 +151,8 @@ def run_backend(script: Path, arguments: list, output_dir: Path, plain_trainer: 
         "evaluation_backend": _logged(r"Evaluation (?:and generation )?backend: (ONNX Runtime on \w+)", log_text) or "PyTorch",
         "results": results,
         "losses": [entry["loss"] for entry in history if "loss" in entry],
-        # Logged by the ORT trainers only.
-        "first_step_seconds": next((entry["first_step_seconds"] for entry in history if "first_step_seconds" in entry), None),
+        # In the train metrics of the ORT trainers only.
+        "first_step_seconds": results.get("train_first_step_seconds"),
         "eval_steady_samples_per_second": _steady_eval_throughput(results),
         "peak_memory_mb": usage.ru_maxrss / 1024,
         "log": str(log_path),

@@ -1,10 +1,13 @@
 """What the example scripts share: model arguments, parsing, logging, output folder checks, data loading,
 tokenizers built offline, and the train / evaluate / save steps. Each script keeps only its task's code."""
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import shutil
+import socket
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -61,6 +64,12 @@ class ModelArguments:
             raise ValueError("Give `--model_name_or_path`, or `--config_name` to train a new model from scratch.")
         if self.model_name_or_path is None and self.tokenizer_name is None and not self.train_tokenizer:
             raise ValueError("A model trained from scratch needs `--tokenizer_name` or `--train_tokenizer`.")
+        if self.model_name_or_path is not None and self.train_tokenizer:
+            raise ValueError(
+                f"`--train_tokenizer` builds a new vocabulary, which the embeddings of `--model_name_or_path` "
+                f"{self.model_name_or_path} do not know. To fix: drop `--train_tokenizer` (or `--model_name_or_path` "
+                "to train a new model with `--config_name`)."
+            )
 
     def hub_kwargs(self) -> dict:
         return {
@@ -79,22 +88,112 @@ class DataPreparationArguments:
     max_predict_samples: int | None = field(default=None, metadata={"help": "Predict the first N examples only."})
 
 
+LOCK_FILE = ".ort_trainer.lock"
+
+
 def run(main):
-    """Run a script's `main()`: an error in what the user asked for prints one line and exits 1, and an output
-    folder this run created is removed again, so a failed run leaves the disk as it found it."""
-    output_dir = _output_dir_argument(sys.argv[1:])
-    existed = output_dir is not None and output_dir.exists()
+    """Run a script's `main()` holding its output folder's lock: an error in what the user asked for prints one
+    line and exits 1, and an output folder this run created is removed again, so a failed run leaves the disk as it
+    found it. Only what this run wrote goes: while it holds the lock, no other run writes there."""
     try:
-        main()
+        with _locked_output_dir(_output_dir_argument(sys.argv[1:])) as discard_output:
+            try:
+                main()
+            except USER_ERRORS:
+                discard_output()
+                raise
     except USER_ERRORS as error:
-        if output_dir is not None and not existed:
-            shutil.rmtree(output_dir, ignore_errors=True)
         print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
         sys.exit(1)
     finally:
         # Under torchrun: close the process group before exit, or its threads can abort the process at shutdown.
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _locked_output_dir(output_dir: Path | None):
+    """Create `output_dir` if needed and hold its lock file (pid and host) while the run lasts; refuse a folder that
+    another run holds, cannot be written or is a file. Yields a function that removes the folders this run
+    created, with what it wrote into them. Under torchrun only rank 0 locks, and only it removes."""
+    if output_dir is None or os.environ.get("RANK", "0") != "0":
+        yield lambda: None
+        return
+    created = _make_dirs(output_dir)
+    try:
+        lock = _acquire_lock(output_dir)
+    except BaseException:
+        _remove_created(created, output_dir)
+        raise
+    try:
+        yield lambda: _remove_created(created, output_dir)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            (output_dir / LOCK_FILE).unlink()
+        os.close(lock)
+
+
+def _make_dirs(output_dir: Path) -> list:
+    """Create `output_dir` and missing parents; returns the folders created, deepest first."""
+    missing = [folder for folder in (output_dir, *output_dir.parents) if not folder.exists()]
+    created = []
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:  # made meanwhile by another process: not ours to remove
+            continue
+        except OSError as error:
+            _remove_created(created, output_dir)
+            raise _output_dir_error(output_dir, error) from error
+        created.insert(0, folder)
+    if not output_dir.is_dir():
+        _remove_created(created, output_dir)
+        raise ValueError(f"`--output_dir` {output_dir} is a file. To fix: give the path of a folder.")
+    return created
+
+
+def _acquire_lock(output_dir: Path) -> int:
+    """An exclusive `flock` on `output_dir/LOCK_FILE`, which the kernel releases when the process ends: a lock file
+    left by a run that was killed does not block the next one."""
+    path = output_dir / LOCK_FILE
+    while True:
+        try:
+            lock = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise _output_dir_error(output_dir, error) from error
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(lock, 200).decode(errors="replace").strip() or "another process"
+            os.close(lock)
+            raise ValueError(
+                f"`--output_dir` {output_dir} is in use by {holder} (lock file {path}). To fix: wait for that run to "
+                "end, or choose another `--output_dir`."
+            ) from None
+        # The holder before us may have removed the file between our open and our lock: lock the current one.
+        if path.exists() and os.stat(path).st_ino == os.fstat(lock).st_ino:
+            break
+        os.close(lock)
+    os.ftruncate(lock, 0)
+    os.write(lock, f"process {os.getpid()} on {socket.gethostname()}".encode())
+    return lock
+
+
+def _output_dir_error(output_dir: Path, error: OSError) -> ValueError:
+    return ValueError(
+        f"Cannot write to `--output_dir` {output_dir}: {error.strerror}. To fix: choose a folder you can write to."
+    )
+
+
+def _remove_created(created: list, output_dir: Path) -> None:
+    """Remove the folders this run created, deepest first: the output folder with what this run wrote into it,
+    parents only while empty (another run may have made its own folder in them meanwhile)."""
+    for folder in created:
+        if folder == output_dir:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def _output_dir_argument(argv: list) -> Path | None:
@@ -106,9 +205,9 @@ def _output_dir_argument(argv: list) -> Path | None:
             return None
         return Path(value) if value else None
     for index, argument in enumerate(argv):
-        if argument.startswith("--output_dir="):
+        if argument.startswith(("--output_dir=", "--output-dir=")):
             return Path(argument.split("=", 1)[1])
-        if argument == "--output_dir" and index + 1 < len(argv):
+        if argument in ("--output_dir", "--output-dir") and index + 1 < len(argv):
             return Path(argv[index + 1])
     return None
 
@@ -117,6 +216,7 @@ def start(data_arguments_class, training_arguments_class=ORTTrainingArguments):
     """What every script does first: parse its options (model, data, training), set up logging, find the
     checkpoint to resume from, seed. Returns the three argument objects and the checkpoint."""
     model_args, data_args, training_args = parse_arguments(ModelArguments, data_arguments_class, training_arguments_class)
+    check_counts(data_args, training_args)
     setup_logging(training_args)
     checkpoint = last_checkpoint(training_args)
     set_seed(training_args.seed)
@@ -128,7 +228,23 @@ def parse_arguments(*dataclass_types):
     parser = HfArgumentParser(dataclass_types)
     if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+    if len(sys.argv) > 2 and sys.argv[1].endswith(".json"):  # argparse would drop the file without a word
+        raise ValueError(
+            f"An options file must come alone, and {sys.argv[1]} came with {' '.join(sys.argv[2:])}. To fix: put "
+            "those options into the file, or give every option on the command line."
+        )
     return parser.parse_args_into_dataclasses()
+
+
+def check_counts(data_args, training_args) -> None:
+    """Counts that must be positive, which `Trainer` would otherwise divide by or sample with after setting up."""
+    data_counts = ("max_train_samples", "max_eval_samples", "max_predict_samples")
+    counts = {name: getattr(data_args, name) for name in data_counts}
+    for name in ("gradient_accumulation_steps", "per_device_train_batch_size", "per_device_eval_batch_size"):
+        counts[name] = getattr(training_args, name)
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise ValueError(f"`--{name}` must be 1 or more, got {value}. To fix: pass a positive `--{name}`.")
 
 
 def setup_logging(training_args) -> None:
@@ -159,7 +275,7 @@ def last_checkpoint(training_args) -> str | None:
     if not (training_args.do_train and output_dir.is_dir()) or training_args.overwrite_output_dir:
         return None
     checkpoint = get_last_checkpoint(str(output_dir))
-    if checkpoint is None and any(output_dir.iterdir()):
+    if checkpoint is None and any(path.name != LOCK_FILE for path in output_dir.iterdir()):
         raise ValueError(
             f"Output directory ({output_dir}) already exists and is not empty. "
             "To fix: pass `--overwrite_output_dir`, or choose another `--output_dir`."
@@ -214,11 +330,42 @@ def load_tokenizer(model_args, texts, config, **tokenizer_kwargs):
     """The model's (or `--tokenizer_name`'s) tokenizer, or with `--train_tokenizer` a WordPiece one built from
     `texts`, an iterable of strings (no download needed), for inputs as long as `config` allows."""
     if model_args.train_tokenizer:
-        max_length = getattr(config, "max_position_embeddings", None) or 512
+        max_length = max_positions(config) or 512
         seq2seq = getattr(config, "is_encoder_decoder", False)
         return train_wordpiece_tokenizer(texts, model_args.tokenizer_vocab_size, max_length, seq2seq)
     name = model_args.tokenizer_name or model_args.model_name_or_path
-    return AutoTokenizer.from_pretrained(name, **tokenizer_kwargs, **model_args.hub_kwargs())
+    tokenizer = AutoTokenizer.from_pretrained(name, **tokenizer_kwargs, **model_args.hub_kwargs())
+    # transformers builds a tokenizer without a vocabulary from a folder that has no tokenizer files.
+    if len(tokenizer) <= len(tokenizer.all_special_tokens):
+        raise ValueError(
+            f"The tokenizer of {name} has no vocabulary, only its {len(tokenizer)} special tokens: {name} has no "
+            "tokenizer files. To fix: pass `--tokenizer_name` with the model's tokenizer, or save it into that folder."
+        )
+    return tokenizer
+
+
+# Models that number positions from the padding id + 1, so that many fewer tokens fit.
+OFFSET_POSITION_MODELS = {"roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text"}
+
+
+def max_positions(config) -> int | None:
+    """How many tokens the model's position embeddings hold (None: positions are not limited, e.g. T5's)."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions and config.model_type in OFFSET_POSITION_MODELS:
+        positions -= (config.pad_token_id or 0) + 1
+    return positions
+
+
+def cap_length(requested: int | None, tokenizer, config, flag: str) -> int:
+    """`requested` (None: the most the model takes), capped to what the tokenizer and the model's positions take,
+    with a warning, as Hugging Face's scripts do: longer inputs would index past the position embeddings."""
+    if requested is not None and requested < 1:
+        raise ValueError(f"`{flag}` must be 1 or more, got {requested}. To fix: pass a positive `{flag}`.")
+    limit = min(tokenizer.model_max_length, max_positions(config) or tokenizer.model_max_length)
+    if requested is None or requested <= limit:
+        return limit if requested is None else requested
+    logger.warning("`%s %d` is more than the model takes (%d tokens): using %d.", flag, requested, limit, limit)
+    return limit
 
 
 def train_wordpiece_tokenizer(

@@ -347,12 +347,28 @@ def ortmodule_status(model) -> ORTModuleStatus:
 
 
 def describe_failure(model: torch.nn.Module, error: BaseException) -> str:
-    """A sentence saying why ORT could not train `model`: the error's first line, or where it was raised."""
-    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    if not message:
-        frame = traceback.extract_tb(error.__traceback__)[-1]
-        message = f"{type(error).__name__} in {Path(frame.filename).name}:{frame.name}"
-    return f"ONNX Runtime could not train {type(unwrap_ortmodule(model)).__name__}: {message}."
+    """A sentence saying why ORT could not train `model`, with the root cause."""
+    return f"ONNX Runtime could not train {type(unwrap_ortmodule(model)).__name__}: {describe_error(error)}."
+
+
+def describe_error(error: BaseException) -> str:
+    """An exception's first line and the root cause below it, or where it was raised when it says nothing. ORT
+    wraps the real error in exceptions of its own (`__cause__` / `__context__`), and copies its traceback into their
+    text, whose last line names it: "error while exporting the PyTorch model to ONNX: <traceback>"."""
+    chain = [error]
+    while (inner := chain[-1].__cause__ or chain[-1].__context__) is not None and inner not in chain:
+        chain.append(inner)
+    first = _lines(error)[0].rstrip(" :.") if _lines(error) else ""
+    root = next((_lines(inner)[-1 if "Traceback (most recent call last)" in str(inner) else 0]
+                 for inner in reversed(chain) if _lines(inner)), "").rstrip(".")
+    if not (first or root):
+        frame = traceback.extract_tb(chain[-1].__traceback__)[-1]
+        return f"{type(chain[-1]).__name__} in {Path(frame.filename).name}:{frame.name}"
+    return first if root in first else f"{first}: {root}" if first else root
+
+
+def _lines(error: BaseException) -> list:
+    return [line.strip() for line in str(error).splitlines() if line.strip()]
 
 
 def unwrap_ortmodule(model: torch.nn.Module) -> torch.nn.Module:

@@ -4,15 +4,20 @@ Only hooks are overridden, each around a `super()` call (written against transfo
 - `_wrap_model` puts the model in an ORTModule for training and lets accelerate wrap that (DDP outside ORT);
 - `get_optimizer_cls_and_kwargs` adds ORT's FusedAdam;
 - `compute_loss` runs the loss inside the ORT graph with `--use_module_with_loss`;
-- `training_step` drops all-padding columns, and on the first step reports which backend really ran (or why
-  ORT could not, then fails or falls back to PyTorch);
-- `train` and `_save` switch the model to what ORT can differentiate for training and back;
+- `training_step` refuses bad batches as data errors, adds the attention mask a model takes by default, drops
+  all-padding columns, and on the first step reports which backend really ran (or why ORT could not, then fails
+  or falls back to PyTorch);
+- `train` and `_save` switch the model to what ORT can differentiate for training and back; `train` adds the
+  first step's time (ORT's export and graph build) to its metrics as `train_first_step_seconds`;
 - `evaluation_loop` and `prediction_step` run `--inference_with_ort` in an InferenceSession; for
   sequence-to-sequence models `Seq2SeqTrainer`'s generation runs with ONNX Runtime sessions in place of the model.
 `self.model` stays the plain model, so checkpoints are ordinary Hugging Face checkpoints.
 """
 
 import contextlib
+import copy
+import dataclasses
+import functools
 import inspect
 import logging
 import os
@@ -79,12 +84,66 @@ def _prepared_for_ort_training(model: torch.nn.Module):
 
 
 def _as_ort_arguments(args: TrainingArguments | None, args_class: type) -> TrainingArguments:
-    """Accept a plain `TrainingArguments` (ORT options at their defaults), as `TRL` trainers accept theirs."""
+    """Accept any `TrainingArguments`, also a subclass with fields of its own (as TRL's configs are): a copy of the
+    same object, in a class that adds the ONNX Runtime options at their defaults. Not rebuilt from `to_dict()`,
+    which would drop the subclass's fields and run `__post_init__` on values it already processed."""
     if args is None or isinstance(args, args_class):
         return args
-    values = {key: value for key, value in args.to_dict().items() if not key.startswith("_")}
-    values["hub_token"] = args.hub_token
-    return args_class(**values)
+    ort_class = args_class if issubclass(args_class, type(args)) else _with_ort_options(type(args), args_class)
+    ort_args = copy.copy(args)
+    ort_args.__class__ = ort_class
+    for option in dataclasses.fields(ort_class):
+        if option.name not in vars(ort_args):
+            default = option.default_factory() if option.default_factory is not dataclasses.MISSING else option.default
+            setattr(ort_args, option.name, default)
+    ort_args._check_ort_options()
+    return ort_args
+
+
+@functools.lru_cache
+def _with_ort_options(user_class: type, args_class: type) -> type:
+    """A dataclass with the fields of `user_class` and of `args_class`; it pickles (as `Trainer` saves its
+    arguments in checkpoints) through `_new_arguments`, since a class made at run time has no import path."""
+    namespace = {"__reduce__": lambda self: (_new_arguments, (user_class, args_class), vars(self).copy())}
+    return dataclasses.dataclass(type(user_class.__name__, (args_class, user_class), namespace))
+
+
+def _new_arguments(user_class: type, args_class: type):
+    ort_class = _with_ort_options(user_class, args_class)
+    return ort_class.__new__(ort_class)
+
+
+class TrainingDataError(ValueError):
+    """A training batch that no backend can train on: the data, not ONNX Runtime, needs fixing."""
+
+
+_CLASSIFIER_HEADS = ("ForSequenceClassification", "ForTokenClassification")
+
+
+def _check_batch(model: torch.nn.Module, inputs: dict) -> None:
+    """Refuse token ids beyond the vocabulary and class labels out of range before ORT runs the batch: its
+    kernels report them as ORT failures, or not at all."""
+    if not isinstance(model, PreTrainedModel):
+        return
+    ids, vocabulary = inputs.get("input_ids"), model.get_input_embeddings().num_embeddings
+    if torch.is_tensor(ids) and ids.numel() and not (0 <= ids.min() and ids.max() < vocabulary):
+        bad = int(ids[(ids < 0) | (ids >= vocabulary)][0])
+        raise TrainingDataError(
+            f"A training batch has token id {bad}, outside the model's vocabulary of {vocabulary} ids. To fix: "
+            "tokenize with the model's tokenizer, or resize its embeddings (`model.resize_token_embeddings`)."
+        )
+    labels, num_labels = inputs.get("labels"), model.config.num_labels
+    if not (torch.is_tensor(labels) and type(model).__name__.endswith(_CLASSIFIER_HEADS)) or num_labels == 1:
+        return
+    if labels.is_floating_point():
+        return  # multi-label targets; single-label float targets fail in PyTorch as well, reported then
+    known = ((labels >= 0) & (labels < num_labels)) | (labels == -100)
+    if not known.all():
+        raise TrainingDataError(
+            f"A training batch has label {int(labels[~known][0])}, but the model has {num_labels} classes "
+            f"(labels 0 to {num_labels - 1}). To fix: map the labels to 0 to {num_labels - 1}, or give the model "
+            "as many labels as the data has (`num_labels`)."
+        )
 
 
 # What `evaluation_loop` reports besides the loss and `compute_metrics`' metrics.
@@ -131,19 +190,26 @@ class ORTTrainer(Trainer):
         self._backend_reported = False
         self._pytorch_fallback = None  # the model trained in PyTorch after ORT failed, with `--ort_fallback pytorch`
         self._fallback_reason = ""
+        self._first_step_seconds = None
         self._inference_model, self._inference_weights = None, None  # `--inference_with_ort`'s, for these weights
         self._running_in = None  # the sessions the model computes in, inside an evaluation loop
 
     def train(self, *args, **kwargs):
-        if not self.args.use_ort:
-            return super().train(*args, **kwargs)
-        self._backend_reported, self._pytorch_fallback = False, None
-        with _prepared_for_ort_training(self.model) as user_settings:
-            self._user_settings = user_settings
-            try:
-                return super().train(*args, **kwargs)
-            finally:
-                self._user_settings = contextlib.nullcontext
+        self._backend_reported, self._pytorch_fallback, self._first_step_seconds = False, None, None
+        if self.args.use_ort:
+            with _prepared_for_ort_training(self.model) as user_settings:
+                self._user_settings = user_settings
+                try:
+                    output = super().train(*args, **kwargs)
+                finally:
+                    self._user_settings = contextlib.nullcontext
+        else:
+            output = super().train(*args, **kwargs)
+        # The first step includes ORT's export and graph build: reported apart, for benchmarks, with the train
+        # metrics (not in the log history, which holds only what `Trainer` logs).
+        if self._first_step_seconds is not None:
+            output.metrics["train_first_step_seconds"] = round(self._first_step_seconds, 3)
+        return output
 
     def _wrap_model(self, model, training=True, dataloader=None):
         if not (training and self.args.use_ort):
@@ -183,11 +249,11 @@ class ORTTrainer(Trainer):
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        batch = inputs  # as the data loader gave it
         if self._pytorch_fallback is not None:
             model = self._pytorch_fallback  # the training loop still holds the ORTModule it was given
-        elif self.args.use_ort and self._can_trim_padding():
-            # Encoder-decoder labels are target tokens, not aligned with the input: never trimmed.
-            inputs = trim_padding(inputs, labels_too=not self.model.config.is_encoder_decoder)
+        elif self.args.use_ort:
+            inputs = self._ort_training_inputs(inputs)
         if self._backend_reported:
             return super().training_step(model, inputs, num_items_in_batch)
         # The first step exports and builds the ORT graph: say plainly what failed, and which backend runs.
@@ -198,6 +264,7 @@ class ORTTrainer(Trainer):
             unwrapped = self.accelerator.unwrap_model(model)
             if not ortmodule.is_ortmodule(unwrapped):
                 raise
+            self._raise_if_fails_in_pytorch(batch, num_items_in_batch)
             reason = ortmodule.describe_failure(unwrapped, error)
             if self.args.ort_fallback == "error":
                 raise ortmodule.ORTTrainingError(
@@ -206,8 +273,38 @@ class ORTTrainer(Trainer):
                 ) from error
             model = self._fall_back_to_pytorch(reason)
             loss = super().training_step(model, inputs, num_items_in_batch)
-        self._report_backend(model, time.perf_counter() - start)
+        self._first_step_seconds = time.perf_counter() - start
+        self._report_backend(model)
         return loss
+
+    def _ort_training_inputs(self, inputs: dict) -> dict:
+        """The batch ORT trains on: checked first; with an all-ones attention mask where a transformers model takes
+        one and the batch has none (the model's own default, but built by mask code ORT cannot export, such as
+        GPT-2's `aten::diff`); without the columns that are padding in every row."""
+        _check_batch(self.model, inputs)
+        ids = inputs.get("input_ids")
+        accepts_mask = isinstance(self.model, PreTrainedModel) and "attention_mask" in self._forward_parameters()
+        if accepts_mask and torch.is_tensor(ids) and inputs.get("attention_mask") is None:
+            inputs = {**inputs, "attention_mask": torch.ones_like(ids)}
+        if self._can_trim_padding():
+            # Encoder-decoder labels are target tokens, not aligned with the input: never trimmed.
+            inputs = trim_padding(inputs, labels_too=not self.model.config.is_encoder_decoder)
+        return inputs
+
+    def _raise_if_fails_in_pytorch(self, inputs: dict, num_items_in_batch) -> None:
+        """ORT's export runs the model in PyTorch, so bad data fails there first and looks like an ORT failure.
+        The batch, as the data loader gave it, runs once more in plain PyTorch (no gradients, random state kept):
+        if it fails there too, the data is at fault, and `--ort_fallback pytorch` could not help."""
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                self.compute_loss(self.model, self._prepare_inputs(inputs), num_items_in_batch=num_items_in_batch)
+        except Exception as error:
+            raise TrainingDataError(
+                f"The training batch fails in PyTorch too, so it is not an ONNX Runtime problem: "
+                f"{ortmodule.describe_error(error)}. To fix: correct the training data "
+                "(class labels from 0 to `num_labels` - 1, integer labels for a classifier, token ids below the "
+                "vocabulary size)."
+            ) from error
 
     def _fall_back_to_pytorch(self, reason: str):
         logger.warning("%s Training continues in PyTorch (`--ort_fallback pytorch`).", reason)
@@ -215,7 +312,7 @@ class ORTTrainer(Trainer):
         self._pytorch_fallback = self.model_wrapped = self.accelerator.prepare_model(self.model)
         return self._pytorch_fallback
 
-    def _report_backend(self, model, first_step_seconds: float):
+    def _report_backend(self, model):
         self._backend_reported = True
         device = self.args.device
         if not self.args.use_ort:
@@ -230,8 +327,6 @@ class ORTTrainer(Trainer):
                     "On CPU, ONNX Runtime trains a BERT-base about 0.9x as fast as PyTorch on the same tokens; its "
                     "gain comes from `--ort_trim_padding` on padded batches (see docs/benchmarks.md)."
                 )
-        # The first step includes ORT's export and graph build: recorded apart, for benchmarks.
-        self.log({"first_step_seconds": round(first_step_seconds, 3)})
 
     def _inference_in_ort(self) -> bool:
         """`--inference_with_ort`, for the heads it covers, unless the model is on a GPU this ONNX Runtime cannot

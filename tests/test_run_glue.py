@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from .example_scripts import EXAMPLES, common, data_files, int8_operators, run_script
+from .test_example_utils import snapshot
+from .tiny_models import tiny_model
 
 DATA = EXAMPLES / "text-classification" / "data" / "sentiment"
 MODEL_CONFIG = EXAMPLES / "text-classification" / "demo" / "bert-mini.json"
@@ -72,8 +74,21 @@ def bad_input_cases(tmp_path):
     unseen = write(tmp_path / "unseen.csv", "sentence,label\nthe film was good,1\nthe film was bad,7\n")
     empty = write(tmp_path / "empty.csv", "")
     fnet = write(tmp_path / "fnet.json", json.dumps({"model_type": "fnet", "hidden_size": 32, "num_hidden_layers": 1, "intermediate_size": 64, "max_position_embeddings": 64}))
+    empty_label = write(tmp_path / "empty_label.csv", "sentence,label\nthe film was good,1\nthe film was bad,\n")
+    empty_text = write(tmp_path / "empty_text.csv", "sentence,label\nthe film was good,1\n,0\n")
+    object_labels = write(tmp_path / "object_labels.json", '{"sentence": "a good film", "label": {"stars": 5}}\n')
+    unseen_validation = write(tmp_path / "unseen_validation.csv", "sentence,label\nthe film was good,1\na film,9\n")
     scratch = ["--config_name", MODEL_CONFIG, "--train_tokenizer"]
     return {
+        "empty label cell": ([*scratch, "--train_file", empty_label, "--do_train"], "Row 2 of the train data has no `label`. To fix: fill in that cell, or remove the row."),
+        "empty text cell": ([*scratch, "--train_file", empty_text, "--do_train"], "Row 2 of the train data has no `sentence`. To fix: fill in that cell, or remove the row."),
+        "labels as objects": ([*scratch, "--train_file", object_labels, "--do_train"], "The `label` column of the train data holds dict values, not single values. To fix: give one string or number per row."),
+        "unseen validation labels": ([*scratch, *files("train"), "--validation_file", unseen_validation, "--do_train", "--do_eval"], "`--validation_file` has labels never seen in training: 9."),
+        "pretrained model with a new tokenizer": (["--model_name_or_path", "some-model", "--train_tokenizer", *files("train"), "--do_train"], "`--train_tokenizer` builds a new vocabulary, which the embeddings of `--model_name_or_path` some-model do not know. To fix: drop `--train_tokenizer` (or `--model_name_or_path` to train a new model with `--config_name`)."),
+        "no training samples": ([*scratch, *files("train"), "--do_train", "--max_train_samples", "0"], "`--max_train_samples` must be 1 or more, got 0. To fix: pass a positive `--max_train_samples`."),
+        "gradient accumulation 0": ([*scratch, *files("train"), "--do_train", "--gradient_accumulation_steps", "0"], "`--gradient_accumulation_steps` must be 1 or more, got 0. To fix: pass a positive `--gradient_accumulation_steps`."),
+        "options file with flags": ([EXAMPLES / "text-classification" / "demo" / "sentiment.json", "--max_steps", "2"], f"An options file must come alone, and {EXAMPLES / 'text-classification' / 'demo' / 'sentiment.json'} came with --max_steps 2 --output_dir {tmp_path / 'out'} --report_to none --use_cpu --seed 42 --ort_fallback error --disable_tqdm True --save_strategy no. To fix: put those options into the file, or give every option on the command line."),
+        "sequence length 0": ([*scratch, *files("train"), "--do_train", "--max_seq_length", "0"], "`--max_seq_length` must be 1 or more, got 0. To fix: pass a positive `--max_seq_length`."),
         "unknown task": (["--model_name_or_path", "x", "--task_name", "sst3", "--do_train"], "Unknown `--task_name` sst3: choose one of cola, mnli, mrpc, qnli, qqp, rte, sst2, stsb, wnli."),
         "task and files": (["--model_name_or_path", "x", "--task_name", "sst2", *files("train")], "Give either `--task_name` or data files (`--train_file` ...), not both."),
         "no data": (["--model_name_or_path", "x", "--do_train"], "Give a GLUE `--task_name`, or data files with `--train_file`/`--validation_file`."),
@@ -189,3 +204,151 @@ def test_glue_tasks_metrics_and_predictions_with_dynamic_padding(task, metrics, 
             assert results["ort"][metric] == pytest.approx(results["pytorch"][metric], abs=1e-4), metric
         else:
             assert results["ort"][metric] == results["pytorch"][metric], metric
+
+
+def bad_input_into_existing(monkeypatch, capsys, out, *args) -> str:
+    """Run with bad input into `out`, which exists: exit 1, one error line, `out` byte for byte as it was."""
+    before = snapshot(out)
+    with pytest.raises(SystemExit) as exit_info:
+        run_glue(monkeypatch, *args, *common(out))
+    assert exit_info.value.code == 1
+    assert snapshot(out) == before
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_output_path_that_is_a_file_is_refused_before_work(monkeypatch, tmp_path, capsys):
+    out = write(tmp_path / "results", "a file of mine")
+    error = bad_input_into_existing(
+        monkeypatch, capsys, tmp_path, "--config_name", MODEL_CONFIG, "--train_tokenizer", *files("train"), "--do_train",
+        "--output_dir", out,
+    )
+    assert error == f"run_glue.py: error: `--output_dir` {out} is a file. To fix: give the path of a folder."
+
+
+def test_output_dir_that_cannot_be_written_is_refused_before_work(monkeypatch, tmp_path, capsys):
+    """The tests run as root, which a read-only mode does not stop: the folder's refusal is simulated."""
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    write(out / "notes.txt", "mine")
+    real_open = os.open
+
+    def read_only_open(path, flags, *args):
+        if str(path).startswith(str(out)) and flags & (os.O_CREAT | os.O_WRONLY | os.O_RDWR):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only_open)
+    error = bad_input_into_existing(
+        monkeypatch, capsys, out, "--config_name", MODEL_CONFIG, "--train_tokenizer", *files("train"), "--do_train",
+        "--overwrite_output_dir",
+    )
+    assert error == (
+        f"run_glue.py: error: Cannot write to `--output_dir` {out}: Permission denied. To fix: choose a folder you "
+        "can write to."
+    )
+
+
+def test_model_folder_without_tokenizer_files_is_refused(monkeypatch, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    tiny_model("bert").save_pretrained(model_dir)
+    with pytest.raises(SystemExit):
+        run_glue(monkeypatch, "--model_name_or_path", model_dir, *files("train"), "--do_train", *common(tmp_path / "out"))
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"run_glue.py: error: The tokenizer of {model_dir} has no vocabulary, only its 5 special tokens: {model_dir} "
+        "has no tokenizer files. To fix: pass `--tokenizer_name` with the model's tokenizer, or save it into that "
+        "folder."
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_two_runs_into_one_new_folder_the_second_is_refused_the_first_keeps_its_results(monkeypatch, tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from ort_trainer.example_utils import LOCK_FILE
+
+    out = tmp_path / "shared"
+    command = [
+        "--config_name", MODEL_CONFIG, "--train_tokenizer", *files("train", "validation"), "--do_train", "--do_eval",
+        "--inference_with_ort", "--max_steps", "2", "--max_seq_length", "48", "--max_eval_samples", "64",
+    ]
+    first = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / "text-classification" / "run_glue.py"), *map(str, command), *map(str, common(out)),
+         "--seed", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(EXAMPLES.parent)},
+    )
+    try:
+        while not (out / LOCK_FILE).exists() and first.poll() is None:
+            time.sleep(0.1)
+        with pytest.raises(SystemExit) as exit_info:
+            run_glue(monkeypatch, *command, *common(out), "--seed", "2")
+        assert exit_info.value.code == 1
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+            f"run_glue.py: error: `--output_dir` {out} is in use by process {first.pid} on "
+        )
+    finally:
+        _, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr[-2000:]
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["eval_accuracy"] >= 0 and (out / "onnx" / "model.json").exists() and (out / "model.safetensors").exists()
+    assert not (out / LOCK_FILE).exists()
+
+
+def test_string_labels_train_as_their_ids_would(monkeypatch, tmp_path):
+    """pos/neg labels, mapped to ids in sorted order as Hugging Face's run_glue does: the same run as 1/0."""
+    import csv
+
+    names = {"0": "neg", "1": "pos"}
+    for split in ("train", "validation", "test"):
+        with open(DATA / f"{split}.csv") as source, open(tmp_path / f"{split}.csv", "w", newline="") as target:
+            writer = csv.writer(target)
+            for index, row in enumerate(csv.reader(source)):
+                writer.writerow(row if index == 0 else [row[0], names[row[1]]])
+    runs = {}
+    for name, folder in (("ids", DATA), ("names", tmp_path)):
+        out = tmp_path / f"out-{name}"
+        run_glue(
+            monkeypatch, "--config_name", MODEL_CONFIG, "--train_tokenizer",
+            *data_files(folder, "train", "validation", "test", suffix="csv"), "--do_train", "--do_eval", "--do_predict",
+            "--max_steps", "4", "--max_seq_length", "48", "--max_eval_samples", "64", "--max_predict_samples", "16",
+            *common(out),
+        )
+        runs[name] = json.loads((out / "all_results.json").read_text()), (out / "predict_results_dataset.txt").read_text()
+    (id_results, id_predictions), (name_results, name_predictions) = runs["ids"], runs["names"]
+    assert name_results["eval_loss"] == pytest.approx(id_results["eval_loss"], abs=1e-6)
+    assert name_results["eval_accuracy"] == id_results["eval_accuracy"]
+    for name_line, id_line in zip(name_predictions.splitlines()[1:], id_predictions.splitlines()[1:], strict=True):
+        assert name_line.split("\t")[1] == names[id_line.split("\t")[1]]
+
+
+def test_max_seq_length_beyond_the_positions_is_capped_with_a_warning(monkeypatch, tmp_path, caplog):
+    """A tokenizer that does not know the model's length (`model_max_length` unset), 200 asked, 64 positions: the
+    run trains in ORT on 64 tokens, as Hugging Face's run_glue caps to the model's length."""
+    from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
+
+    from ort_trainer.example_utils import train_wordpiece_tokenizer
+
+    model_dir = tmp_path / "model"
+    tiny_model("bert").save_pretrained(model_dir)  # max_position_embeddings 64
+    tokenizer = train_wordpiece_tokenizer(["the film was good", "the film was bad"], 96, 64)
+    tokenizer.model_max_length = VERY_LARGE_INTEGER
+    tokenizer.save_pretrained(model_dir)
+    long_text = write(tmp_path / "train.csv", "sentence,label\n" + "".join(f"{'the film was good ' * 30},{i % 2}\n" for i in range(16)))
+    with caplog.at_level("INFO"):
+        run_glue(monkeypatch, "--model_name_or_path", model_dir, "--train_file", long_text, "--do_train",
+                 "--max_seq_length", "200", "--max_steps", "2", *common(tmp_path / "out"))
+    assert "`--max_seq_length 200` is more than the model takes (64 tokens): using 64." in caplog.text
+    assert "Training backend: onnxruntime on cpu." in caplog.text
+
+
+def test_test_file_without_labels_is_predicted_with_the_label_names(monkeypatch, tmp_path):
+    train = write(tmp_path / "train.csv", "sentence,label\n" + "the film was good,pos\nthe film was bad,neg\n" * 8)
+    test = write(tmp_path / "test.csv", "sentence\na good film\na bad film\n")
+    run_glue(monkeypatch, "--config_name", MODEL_CONFIG, "--train_tokenizer", "--train_file", train, "--test_file", test,
+             "--do_train", "--do_predict", "--max_steps", "2", "--max_seq_length", "16", *common(tmp_path / "out"))
+    lines = (tmp_path / "out" / "predict_results_dataset.txt").read_text().splitlines()
+    assert len(lines) == 3 and {line.split("\t")[1] for line in lines[1:]} <= {"pos", "neg"}

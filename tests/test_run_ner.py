@@ -143,3 +143,21 @@ def test_slow_tokenizer_is_refused(monkeypatch, tmp_path, capsys):
         "run_ner.py: error: run_ner.py aligns labels with a fast tokenizer's word ids, and TokenizersBackend "
         "is slow. To fix: use a model that has a fast tokenizer (tokenizer.json)."
     )
+
+
+def test_padded_to_max_length_beyond_the_positions_trains_in_ort_as_in_pytorch(monkeypatch, tmp_path, caplog):
+    """`--pad_to_max_length` with 500 asked of a model of 64 positions: capped to 64 with a warning, and ORT trains
+    the padded batches (trimmed of their all-padding columns) to PyTorch's losses."""
+    config = json.loads(MODEL_CONFIG.read_text()) | {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    (tmp_path / "bert.json").write_text(json.dumps(config))
+    losses = {}
+    for backend in ("ort", "pytorch"):
+        with caplog.at_level("INFO"):
+            run_ner(monkeypatch, "--config_name", tmp_path / "bert.json", "--train_tokenizer", *files("train"), "--do_train",
+                    "--max_train_samples", "64", "--max_steps", "3", "--logging_steps", "1", "--pad_to_max_length",
+                    "--max_seq_length", "500", "--use_ort", str(backend == "ort"), *common(tmp_path / backend))
+        history = json.loads((tmp_path / backend / "trainer_state.json").read_text())["log_history"]
+        losses[backend] = [entry["loss"] for entry in history if "loss" in entry]
+    assert "`--max_seq_length 500` is more than the model takes (64 tokens): using 64." in caplog.text
+    assert "Training backend: onnxruntime on cpu." in caplog.text
+    assert losses["ort"] == pytest.approx(losses["pytorch"], abs=1e-4) and len(losses["ort"]) == 3

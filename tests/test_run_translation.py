@@ -148,3 +148,48 @@ def test_hub_data_is_checked_by_its_declared_languages():
     check_languages(data, "en", "ro")
     with pytest.raises(ValueError, match=r"^`--target_lang de` is not in the train data, whose languages are en, ro\.$"):
         check_languages(data, "en", "de")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num_beams", "0"], "`--num_beams` must be 1 or more, got 0. To fix: pass a positive `--num_beams`."),
+        (["--generation_num_beams", "-1"],
+         "`--generation_num_beams` must be 1 or more, got -1. To fix: pass a positive `--generation_num_beams`."),
+        (["--generation_max_length", "0"],
+         "`--generation_max_length` must be 1 or more, got 0. To fix: pass a positive `--generation_max_length`."),
+        (["--num_beams", "2", "--generation_config", "GENERATION"],
+         "Invalid generation settings: `num_return_sequences` (3) has to be smaller or equal to `num_beams` (2). "
+         "To fix: change `--num_beams` or `--generation_max_length`, or the model's generation config."),
+    ],
+)
+def test_generation_settings_are_checked_before_training(flags, message, monkeypatch, tmp_path, capsys):
+    """Checked with transformers' own checks where it has them, before the first step: nothing is written."""
+    from transformers import GenerationConfig
+
+    GenerationConfig(num_beams=4, num_return_sequences=3).save_pretrained(tmp_path / "generation")
+    flags = [str(tmp_path / "generation") if flag == "GENERATION" else flag for flag in flags]
+    error = bad_input(
+        monkeypatch, tmp_path, capsys, *LANGUAGES, *files("train", "validation"), "--do_eval", "--predict_with_generate",
+        *flags,
+    )
+    assert error == f"run_translation.py: error: {message}"
+
+
+def test_texts_longer_than_the_models_positions_are_capped_before_training(monkeypatch, tmp_path, caplog):
+    """A BART of 24 positions and sources of ~50 tokens, with the default `--max_source_length 1024`: lengths are
+    capped to the positions, with a warning, and ORT trains (without, it indexes past the position table)."""
+    config = json.loads((EXAMPLE / "demo" / "bart-mini.json").read_text()) | {"max_position_embeddings": 24}
+    (tmp_path / "bart.json").write_text(json.dumps(config))
+    long_pair = {"en": "The dog sees a cat today . " * 7, "toy": "hodiu la hundo un kato vidas ."}
+    train = write_jsonl(tmp_path / "train.json", [GOOD, long_pair] * 8)
+    with caplog.at_level("INFO"):
+        run_translation(
+            monkeypatch, "--config_name", tmp_path / "bart.json", "--train_tokenizer", *LANGUAGES, "--train_file", train,
+            "--validation_file", train, "--max_target_length", "64", "--do_train", "--do_eval", "--predict_with_generate",
+            "--max_steps", "2", "--per_device_train_batch_size", "8", *common(tmp_path / "out"),
+        )
+    for flag, asked in (("--max_source_length", 1024), ("--max_target_length", 64), ("--val_max_target_length", 64)):
+        assert f"`{flag} {asked}` is more than the model takes (24 tokens): using 24." in caplog.text
+    assert "Training backend: onnxruntime on cpu." in caplog.text
+    assert json.loads((tmp_path / "out" / "eval_results.json").read_text())["eval_gen_len"] <= 24

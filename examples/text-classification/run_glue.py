@@ -66,6 +66,26 @@ def text_columns(task_name, column_names):
     return (texts[0], texts[1]) if len(texts) >= 2 else (texts[0], None)
 
 
+def check_cells(raw_datasets, columns):
+    """Every row has a text and a label (the test data may leave labels out), each a single value: an empty
+    label cell would otherwise turn the task into regression, an empty text fail in the tokenizer."""
+    for split, dataset in raw_datasets.items():
+        for column in [name for name in columns if name in dataset.column_names]:
+            if split == "test" and column == "label" and dataset.unique("label") == [None]:
+                continue
+            if not isinstance(dataset.features[column], (datasets.Value, datasets.ClassLabel)):
+                raise ValueError(
+                    f"The `{column}` column of the {split} data holds {type(dataset[0][column]).__name__} values, "
+                    "not single values. To fix: give one string or number per row."
+                )
+            values = list(dataset[column])
+            if None in values:
+                raise ValueError(
+                    f"Row {values.index(None) + 1} of the {split} data has no `{column}`. To fix: fill in that cell, "
+                    "or remove the row."
+                )
+
+
 def main():
     model_args, data_args, training_args, checkpoint = utils.start(DataTrainingArguments)
 
@@ -84,6 +104,9 @@ def main():
             f"{', '.join(raw_datasets[labelled_split].column_names)})."
         )
 
+    sentence1_key, sentence2_key = text_columns(data_args.task_name, raw_datasets[labelled_split].column_names)
+    check_cells(raw_datasets, [key for key in (sentence1_key, sentence2_key, "label") if key])
+
     # Labels: classification or regression, from GLUE or from the data.
     label_feature = raw_datasets[labelled_split].features["label"]
     if data_args.task_name is not None:
@@ -97,7 +120,6 @@ def main():
 
     # Model and tokenizer.
     config = utils.load_config(model_args, num_labels=num_labels, finetuning_task=data_args.task_name)
-    sentence1_key, sentence2_key = text_columns(data_args.task_name, raw_datasets[labelled_split].column_names)
     training_texts = (text for key in (sentence1_key, sentence2_key) if key for text in raw_datasets[labelled_split][key])
     tokenizer = utils.load_tokenizer(model_args, training_texts, config)
     if model_args.model_name_or_path is None:
@@ -109,13 +131,13 @@ def main():
     label_to_id = None if is_regression or data_args.task_name else model.config.label2id
 
     # Preprocessing.
-    if "test" in raw_datasets and data_args.task_name is None and "label" in raw_datasets["test"].column_names:
-        unseen = set(map(str, raw_datasets["test"].unique("label"))) - set(label_to_id or {}) - {"-1"}
-        if unseen and not is_regression:
-            raise ValueError(
-                f"`--test_file` has labels never seen in training: {', '.join(sorted(unseen))}."
-            )
-    max_seq_length = min(data_args.max_seq_length, tokenizer.model_max_length)
+    for split in ("validation", "test"):
+        if label_to_id is not None and split in raw_datasets and "label" in raw_datasets[split].column_names:
+            labels = {str(label) for label in raw_datasets[split].unique("label") if label is not None}
+            unseen = labels - set(label_to_id) - {"-1"}
+            if unseen:
+                raise ValueError(f"`--{split}_file` has labels never seen in training: {', '.join(sorted(unseen))}.")
+    max_seq_length = utils.cap_length(data_args.max_seq_length, tokenizer, model.config, "--max_seq_length")
     padding = "max_length" if data_args.pad_to_max_length else False
 
     def preprocess(examples):
@@ -129,6 +151,11 @@ def main():
         raw_datasets = raw_datasets.map(
             preprocess, batched=True, load_from_cache_file=not data_args.overwrite_cache, desc="Tokenizing"
         )
+    if label_to_id is not None:  # a column of string labels keeps its type: its ids come back as strings
+        raw_datasets = datasets.DatasetDict({
+            split: dataset.cast_column("label", datasets.Value("int64")) if "label" in dataset.column_names
+            else dataset for split, dataset in raw_datasets.items()
+        })
 
     train_dataset = utils.cap(raw_datasets["train"], data_args.max_train_samples) if training_args.do_train else None
     eval_splits = {"": "validation_matched", "mm": "validation_mismatched"} if data_args.task_name == "mnli" else {"": "validation"}

@@ -137,7 +137,7 @@ def main():
     model = utils.load_model(AutoModelForTokenClassification, model_args, config)
 
     # Preprocessing.
-    max_seq_length = min(data_args.max_seq_length or tokenizer.model_max_length, tokenizer.model_max_length)
+    max_seq_length = utils.cap_length(data_args.max_seq_length, tokenizer, model.config, "--max_seq_length")
     padding = "max_length" if data_args.pad_to_max_length else False
 
     def tokenize(examples):

@@ -7,6 +7,7 @@ The same command line as Hugging Face's run_translation.py, plus the ORT options
 the translations are generated in ONNX Runtime.
 """
 
+import copy
 import logging
 from dataclasses import dataclass, field
 
@@ -136,6 +137,16 @@ def main():
     if model.config.decoder_start_token_id is None:
         raise ValueError("The model's config has no `decoder_start_token_id`: set it in the config.")
 
+    # Lengths the model's positions take, and generation settings (checked below): before training.
+    for name in ("max_source_length", "max_target_length", "val_max_target_length"):
+        setattr(data_args, name, utils.cap_length(getattr(data_args, name), tokenizer, model.config, f"--{name}"))
+    max_length = training_args.generation_max_length
+    max_length = data_args.val_max_target_length if max_length is None else max_length
+    beams_flag = "--num_beams" if data_args.num_beams is not None else "--generation_num_beams"
+    num_beams = data_args.num_beams if data_args.num_beams is not None else training_args.generation_num_beams
+    if training_args.do_eval or training_args.do_predict:
+        max_length = utils.cap_length(max_length, tokenizer, model.config, "--generation_max_length")
+
     # Preprocessing.
     prefix = data_args.source_prefix or ""
     padding = "max_length" if data_args.pad_to_max_length else False
@@ -207,9 +218,9 @@ def main():
         data_collator=collator,
         compute_metrics=compute_metrics if training_args.predict_with_generate else None,
     )
+    if training_args.do_eval or training_args.do_predict:  # with `--generation_config`, once the trainer loaded it
+        check_generation(model, max_length, num_beams, beams_flag)
 
-    max_length = training_args.generation_max_length or data_args.val_max_target_length
-    num_beams = data_args.num_beams if data_args.num_beams is not None else training_args.generation_num_beams
     if training_args.do_train:
         utils.train(trainer, training_args, checkpoint, len(tokenized["train"]))
     if training_args.do_eval:
@@ -226,6 +237,21 @@ def main():
         finetuned_from=model_args.model_name_or_path, tasks="translation", language=[source_lang, target_lang],
         dataset_tags=data_args.dataset_name, dataset=data_args.dataset_name,
     )
+
+
+def check_generation(model, max_length: int, num_beams: int | None, beams_flag: str) -> None:
+    """Generation runs only after training: its settings are checked before, with transformers' own checks."""
+    if num_beams is not None and num_beams < 1:
+        raise ValueError(f"`{beams_flag}` must be 1 or more, got {num_beams}. To fix: pass a positive `{beams_flag}`.")
+    generation_config = copy.deepcopy(model.generation_config)
+    try:  # `update` validates, as `validate` does
+        generation_config.update(max_length=max_length, **({} if num_beams is None else {"num_beams": num_beams}))
+        generation_config.validate()
+    except ValueError as error:
+        raise ValueError(
+            f"Invalid generation settings: {str(error).strip().splitlines()[0]} To fix: change `{beams_flag}` or "
+            "`--generation_max_length`, or the model's generation config."
+        ) from error
 
 
 def set_multilingual_languages(model, tokenizer, data_args) -> None:
