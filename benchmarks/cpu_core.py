@@ -1,6 +1,6 @@
 """ORT vs PyTorch on CPU for a BERT-base-sized classifier (random init, dropout off), in one run:
 
-- training step time, `transformers.Trainer` vs `ORTTrainer` with and without `--ort_trim_padding`, batch 16 of
+- training step time, `transformers.Trainer` vs `ORTTrainer` with and without `--trim_padding`, batch 16 of
   short sentences (about 20 real tokens) padded to 128, as run_glue pads by default; the first ORT step (export and
   graph build) reported apart; losses compared step by step;
 - evaluation throughput, PyTorch vs `--inference_with_ort`, batch 32, same padding, predicted labels compared;
@@ -67,7 +67,7 @@ def train(backend, size, rows, steps, trim=True):
     if backend == "pytorch":
         base, args = Trainer, TrainingArguments(**common)
     else:
-        base, args = ORTTrainer, ORTTrainingArguments(**common, ort_fallback="error", ort_trim_padding=trim)
+        base, args = ORTTrainer, ORTTrainingArguments(**common, ort_fallback="error", trim_padding=trim)
     trainer_class = type("Bench" + base.__name__, (LossRecorder, base), {"recorded": None})
     timer = StepTimer()
     trainer = trainer_class(model=model_for(size), args=args, train_dataset=rows, callbacks=[timer])
@@ -82,7 +82,7 @@ def train(backend, size, rows, steps, trim=True):
 def evaluate(backend, size, rows, trim=True):
     args = ORTTrainingArguments(output_dir=f"/tmp/cpu_core_bench_eval_{backend}", per_device_eval_batch_size=32,
                                 report_to=[], use_cpu=True, disable_tqdm=True, use_ort=False,
-                                inference_with_ort=backend == "ort", ort_trim_padding=trim)
+                                inference_with_ort=backend == "ort", trim_padding=trim)
     trainer = ORTTrainer(model=model_for(size), args=args)
     trainer.predict(rows[:32])  # warm-up: export and session creation for ORT
     start = time.perf_counter()

@@ -30,6 +30,7 @@ from transformers import PreTrainedModel, Seq2SeqTrainer, Trainer, TrainingArgum
 from . import inference, ortmodule, transformers_compat
 from .import_utils import onnxruntime_providers
 from .padding import trim_padding
+from .token_counts import TokenCountingMixin
 from .training_args import ORT_FUSED_ADAM, ORTSeq2SeqTrainingArguments, ORTTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ def _quantization_metrics(int8, fp32, prefix: str) -> dict:
     return metrics
 
 
-class ORTTrainer(Trainer):
+class ORTTrainer(TokenCountingMixin, Trainer):
     """A `transformers.Trainer` whose training forward and backward run in ONNX Runtime.
 
     Takes the same arguments as `Trainer`; `args` may be an `ORTTrainingArguments` or a plain `TrainingArguments`.
@@ -254,6 +255,7 @@ class ORTTrainer(Trainer):
             model = self._pytorch_fallback  # the training loop still holds the ORTModule it was given
         elif self.args.use_ort:
             inputs = self._ort_training_inputs(inputs)
+        inputs = self._trimmed(inputs)
         if self._backend_reported:
             return super().training_step(model, inputs, num_items_in_batch)
         # The first step exports and builds the ORT graph: say plainly what failed, and which backend runs.
@@ -280,15 +282,12 @@ class ORTTrainer(Trainer):
     def _ort_training_inputs(self, inputs: dict) -> dict:
         """The batch ORT trains on: checked first; with an all-ones attention mask where a transformers model takes
         one and the batch has none (the model's own default, but built by mask code ORT cannot export, such as
-        GPT-2's `aten::diff`); without the columns that are padding in every row."""
+        GPT-2's `aten::diff`)."""
         _check_batch(self.model, inputs)
         ids = inputs.get("input_ids")
         accepts_mask = isinstance(self.model, PreTrainedModel) and "attention_mask" in self._forward_parameters()
         if accepts_mask and torch.is_tensor(ids) and inputs.get("attention_mask") is None:
             inputs = {**inputs, "attention_mask": torch.ones_like(ids)}
-        if self._can_trim_padding():
-            # Encoder-decoder labels are target tokens, not aligned with the input: never trimmed.
-            inputs = trim_padding(inputs, labels_too=not self.model.config.is_encoder_decoder)
         return inputs
 
     def _raise_if_fails_in_pytorch(self, inputs: dict, num_items_in_batch) -> None:
@@ -322,11 +321,6 @@ class ORTTrainer(Trainer):
         else:
             status = ortmodule.ortmodule_status(self.accelerator.unwrap_model(model))
             logger.info("Training backend: %s on %s.", status.backend, device)
-            if device.type == "cpu":
-                logger.info(
-                    "On CPU, ONNX Runtime trains a BERT-base about 0.9x as fast as PyTorch on the same tokens; its "
-                    "gain comes from `--ort_trim_padding` on padded batches (see docs/benchmarks.md)."
-                )
 
     def _inference_in_ort(self) -> bool:
         """`--inference_with_ort`, for the heads it covers, unless the model is on a GPU this ONNX Runtime cannot
@@ -379,7 +373,7 @@ class ORTTrainer(Trainer):
         # when machines do not share the output folder (`--save_on_each_node`).
         with self.args.main_process_first(local=self.args.save_on_each_node, desc="ONNX export"):
             inference_model = inference.load_for_inference(
-                self.model, sample, directory, fp16=self.args.fp16, trim_padding=self._can_trim_padding(),
+                self.model, sample, directory, fp16=self.args.fp16,
                 quantize=self.args.ort_quantization == "dynamic_int8",
             )
         logger.info(inference_model.description())
@@ -388,10 +382,17 @@ class ORTTrainer(Trainer):
     def _can_trim_padding(self) -> bool:
         """Only transformers models that mask padding out of attention give equal results on trimmed batches."""
         return (
-            self.args.ort_trim_padding
+            self.args.trim_padding
             and isinstance(self.model, PreTrainedModel)
             and "attention_mask" in self._forward_parameters()
         )
+
+    def _trimmed(self, inputs: dict) -> dict:
+        """The batch without its all-padding columns, with `--trim_padding`, whatever the backend. Encoder-decoder
+        labels are target tokens, not aligned with the input: never trimmed."""
+        if not self._can_trim_padding():
+            return inputs
+        return trim_padding(inputs, labels_too=not self.model.config.is_encoder_decoder)
 
     def _forward_parameters(self) -> list:
         return list(inspect.signature(self.model.forward).parameters)
@@ -405,6 +406,7 @@ class ORTTrainer(Trainer):
         return trim_padding(model_inputs) if self._can_trim_padding() else model_inputs
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+        inputs = self._trimmed(inputs)
         if self._running_in is None:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys, **gen_kwargs)
         # The Trainer computes losses, label smoothing, `compute_loss_func` and generation as always; the model's

@@ -1,5 +1,6 @@
 """`TrainingArguments` with the ONNX Runtime options, usable from `HfArgumentParser`."""
 
+import warnings
 from dataclasses import dataclass, field
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
@@ -60,13 +61,16 @@ class ORTTrainingArguments(TrainingArguments):
         default="WARNING",
         metadata={"help": "Log level of ONNX Runtime training.", "choices": list(ORT_LOG_LEVELS)},
     )
-    ort_trim_padding: bool = field(
+    trim_padding: bool = field(
         default=True,
         metadata={
-            "help": "Before each ORT training step and ORT inference batch, drop the columns that are padding in every "
-            "row (trailing, masked, labels ignored), so batches padded to `max_seq_length` cost only their longest "
-            "real sequence. Results stay equal. Applies to transformers models."
+            "help": "Before each training step and evaluation batch, in ONNX Runtime or PyTorch alike, drop the columns "
+            "that are padding in every row (trailing, masked, labels ignored), so batches padded to `max_seq_length` "
+            "cost only their longest real sequence. Results stay equal. Applies to transformers models."
         },
+    )
+    ort_trim_padding: bool | None = field(
+        default=None, metadata={"help": "Deprecated: the old name of `--trim_padding`, which it sets."}
     )
     inference_with_ort: bool = field(
         default=False,
@@ -114,6 +118,12 @@ class ORTTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        if self.ort_trim_padding is not None:
+            warnings.warn(
+                "`--ort_trim_padding` is deprecated and will be removed: use `--trim_padding`, which trims the batches "
+                "of PyTorch runs too.", FutureWarning,
+            )
+            self.trim_padding, self.ort_trim_padding = self.ort_trim_padding, None
         use_fused_adam = self.optim == ORT_FUSED_ADAM
         if use_fused_adam:
             self.optim = "adamw_torch"  # validated by the parent; replaced by FusedAdam in the trainer

@@ -29,11 +29,11 @@ def supports(model: torch.nn.Module) -> bool:
     return any(head.supports(model) for head in HEADS)
 
 
-def load_for_inference(model: torch.nn.Module, sample_inputs: dict, directory: Path, fp16: bool = False,
-                       trim_padding: bool = False, quantize: bool = False) -> InferenceModel:
+def load_for_inference(
+    model: torch.nn.Module, sample_inputs: dict, directory: Path, fp16: bool = False, quantize: bool = False
+) -> InferenceModel:
     """`model`'s sessions, exported from `sample_inputs` into `directory` (or reused from there while the weights and
-    config are unchanged). `fp16` applies on CUDA, `quantize` (dynamic int8) on the CPU, to heads that can have it;
-    `trim_padding` lets classifiers drop all-padding columns."""
+    config are unchanged). `fp16` applies on CUDA, `quantize` (dynamic int8) on the CPU, to heads that can have it."""
     head = next((head for head in HEADS if head.supports(model)), None)
     if head is None:
         raise ONNXExportError(
@@ -47,4 +47,4 @@ def load_for_inference(model: torch.nn.Module, sample_inputs: dict, directory: P
             "evaluates with its fp32 graphs."
         )
     settings = {"quantize": quantize} if head.can_quantize else {}
-    return head.load(model, sample_inputs, Path(directory), fp16=fp16, trim_padding=trim_padding, **settings)
+    return head.load(model, sample_inputs, Path(directory), fp16=fp16, **settings)

@@ -97,7 +97,7 @@ class CausalLM(InferenceModel):
         )
 
     @classmethod
-    def load(cls, model, sample_inputs: dict, directory: Path, fp16: bool = False, **unused) -> "CausalLM":
+    def load(cls, model, sample_inputs: dict, directory: Path, fp16: bool = False) -> "CausalLM":
         """The sessions of `model`, exported into `directory` from `sample_inputs` (reused while the weights and
         config are unchanged); fp16 when `fp16` and running on CUDA, inputs and outputs in their own types."""
         device, provider, fp16 = session_target(model, fp16)

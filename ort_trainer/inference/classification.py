@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 
 from .. import transformers_compat
-from ..padding import trim_padding
 from . import fusion
 from .export import evaluating, export_key, export_module, reuse_or_export
 from .model import InferenceModel
@@ -75,8 +74,8 @@ class Classifier(InferenceModel):
 
     can_quantize = True
 
-    def __init__(self, session: ONNXModel, head: str, trim: bool, reference: "Classifier | None" = None):
-        self.session, self.head, self.trim, self.reference = session, head, trim, reference
+    def __init__(self, session: ONNXModel, head: str, reference: "Classifier | None" = None):
+        self.session, self.head, self.reference = session, head, reference
         self.sessions = (session,)
 
     @staticmethod
@@ -84,12 +83,11 @@ class Classifier(InferenceModel):
         return classifier_head(model) is not None
 
     @classmethod
-    def load(cls, model, sample_inputs: dict, directory: Path, fp16: bool = False, trim_padding: bool = False,
-             quantize: bool = False, optimize: bool = True) -> "Classifier":
+    def load(cls, model, sample_inputs: dict, directory: Path, fp16: bool = False, quantize: bool = False,
+             optimize: bool = True) -> "Classifier":
         """Exported into `directory` (reused while the weights and config are unchanged), fused when the fused graph
         gives the same outputs on `sample_inputs`, in fp16 when `fp16` and running on CUDA (inputs and outputs keep
-        their types), or in dynamic int8 when `quantize` and running on the CPU. `trim_padding` drops all-padding
-        columns of each batch before the session runs it."""
+        their types), or in dynamic int8 when `quantize` and running on the CPU."""
         device, provider, fp16 = session_target(model, fp16)
         if quantize and provider != "CPUExecutionProvider":
             warn_once(
@@ -113,17 +111,14 @@ class Classifier(InferenceModel):
         head = classifier_head(model)
         fp32 = cls(
             ONNXModel.open(directory / graph, provider, device, f"{optimization}, {'fp16' if fp16 else 'fp32'}"),
-            head, trim_padding,
+            head,
         )
         if not quantized:
             return fp32
         int8 = ONNXModel.open(directory / quantized[0], provider, device, f"{optimization}, dynamic int8")
-        return cls(int8, head, trim_padding, reference=fp32)
+        return cls(int8, head, reference=fp32)
 
     def forward(self, model, labels=None, **inputs):
-        feeds = {name: inputs[name] for name in self.session.input_names}
-        logits = self.session(trim_padding(feeds) if self.trim else feeds)["logits"]
-        if logits.dim() == 3:  # per token: back to the batch's padded length, for the labels
-            logits = torch.nn.functional.pad(logits, (0, 0, 0, feeds["input_ids"].shape[1] - logits.shape[1]))
+        logits = self.session(inputs)["logits"]
         loss = None if labels is None else transformers_compat.head_loss(self.head, logits, labels, model.config)
         return OUTPUT_CLASSES[self.head](loss=loss, logits=logits)

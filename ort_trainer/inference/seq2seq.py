@@ -186,7 +186,7 @@ class Seq2SeqLM(InferenceModel):
         return getattr(config, "is_encoder_decoder", False) and model.can_generate()
 
     @classmethod
-    def load(cls, model, sample_inputs: dict, directory: Path, fp16: bool = False, **unused) -> "Seq2SeqLM":
+    def load(cls, model, sample_inputs: dict, directory: Path, fp16: bool = False) -> "Seq2SeqLM":
         """The sessions of `model`, exported into `directory` from `sample_inputs` (reused while the weights and
         config are unchanged); fp16 when `fp16` and running on CUDA, inputs and outputs in their own types."""
         device, provider, fp16 = session_target(model, fp16)
