@@ -1,18 +1,21 @@
-"""Benchmark ONNX Runtime against PyTorch on your model and machine, in one command.
+"""Benchmark ONNX Runtime against PyTorch on your model and machine, in one command, on the same tokens.
 
-Runs an example script twice with the same arguments, once training and evaluating in PyTorch (`--use_ort False`)
-and once in ONNX Runtime (`--use_ort`, `--inference_with_ort`), then writes into `--output_dir`:
-`benchmark.md` (a runtime table and a gain table), `benchmark.json` (every figure) and `benchmark.png`.
-Each row names the backend that really ran, read from the trainer's log: a fallback shows as PyTorch. The first
-training step (ORT's export and graph build) and the ONNX export for evaluation are reported apart; evaluation
-samples/s leave the export out.
+Runs an example script once per row with the same arguments and data, then writes into `--output_dir`:
+`benchmark.md` (a runtime table and the ratios), `benchmark.json` (every figure) and `benchmark.png`. The rows:
+- `plain`: a plain `transformers.Trainer`, what users run today (every padded column computed);
+- `pytorch`: `ORTTrainer` in PyTorch (`--use_ort False`), trimming padding as the ONNX Runtime row does;
+- `ort`: training and evaluation in ONNX Runtime (`--use_ort`, `--inference_with_ort`);
+- `inductor`: PyTorch with `--torch_compile`; `int8`: PyTorch training, evaluation in ONNX Runtime's dynamic int8.
+The ONNX Runtime ratios are taken against the `pytorch` row, which computes the same tokens; what trimming padding
+gives is reported apart, as `pytorch` against `plain`. Each row names the backend that really ran, read from the
+trainer's log (a fallback shows as PyTorch), the real and computed tokens per sample, and the achieved TFLOP/s
+(6 x parameters x computed tokens for training, 2 x for evaluation; embeddings left out). The first training step
+(ONNX Runtime's export and graph build) and the export for evaluation are reported apart.
 
     python -m ort_trainer.benchmark --model bert-base --task text-classification --output_dir out/bench
 
 `--model` takes a published size (random weights, synthetic data: no download) or, with `--model_name_or_path`,
-a real checkpoint and your data files through `--script_args`. Where no ORT training build exists (CUDA 13 GPUs),
-`--compare trainer` runs a plain `transformers.Trainer` against `ORTTrainer`'s PyTorch path with ONNX Runtime
-inference: the trainer's overhead, and the inference gain.
+a real checkpoint and your data files through `--script_args`.
 """
 
 import argparse
@@ -45,22 +48,29 @@ ARCHITECTURES = {
 }
 # T5 with the special token ids of the tokenizer that `--train_tokenizer` builds for sequence-to-sequence models.
 T5_SETTINGS = dict(dropout_rate=0.0, pad_token_id=0, eos_token_id=3, decoder_start_token_id=0)
-# What each comparison runs: a label, the script's extra flags, and whether to swap in the plain transformers
-# trainers. "trainer" is for machines without an ORT training build (such as CUDA 13 GPUs): ORTTrainer's PyTorch
-# path and ORT inference against a plain `transformers.Trainer`.
-COMPARISONS = {
-    "ort": {"PyTorch": (["--use_ort", "False"], False), "ONNX Runtime": (["--use_ort", "True", "--inference_with_ort"], False)},
-    "trainer": {
-        "transformers.Trainer": (["--use_ort", "False"], True),
-        "ORTTrainer": (["--use_ort", "False", "--inference_with_ort"], False),
-    },
+# Each row: its label, the script's flags, and whether it runs the plain transformers trainers.
+ROWS = {
+    "plain": ("transformers.Trainer", ["--use_ort", "False"], True),
+    "pytorch": ("PyTorch", ["--use_ort", "False"], False),
+    "ort": ("ONNX Runtime", ["--use_ort", "True", "--inference_with_ort"], False),
+    "inductor": ("torch.compile", ["--use_ort", "False", "--torch_compile", "True"], False),
+    "int8": (
+        "ONNX Runtime int8",
+        ["--use_ort", "False", "--inference_with_ort", "--ort_quantization", "dynamic_int8", "--ort_quantization_check",
+         "False"],
+        False,
+    ),
 }
-# Runs an example script with `transformers.Trainer` and `Seq2SeqTrainer` in place of the ORT trainers.
+# Runs an example script with `transformers.Trainer` and `Seq2SeqTrainer` in place of the ORT trainers (counting
+# tokens as ORTTrainer does, so that the rows can be compared).
 PLAIN_TRAINER = (
-    "import runpy, sys, transformers, ort_trainer; "
-    "ort_trainer.ORTTrainer, ort_trainer.Seq2SeqORTTrainer = transformers.Trainer, transformers.Seq2SeqTrainer; "
+    "import runpy, sys, transformers, ort_trainer; from ort_trainer.token_counts import TokenCountingMixin as T; "
+    "ort_trainer.ORTTrainer = type('Trainer', (T, transformers.Trainer), {}); "
+    "ort_trainer.Seq2SeqORTTrainer = type('Seq2SeqTrainer', (T, transformers.Seq2SeqTrainer), {}); "
     "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 )
+# Dense fp16/bf16 matrix throughput reachable on known devices, in TFLOP/s, for the share of peak.
+PEAK_TFLOPS = {"H200": 790}
 
 
 def parse_args(argv=None):
@@ -82,9 +92,13 @@ def parse_args(argv=None):
         "(for noisy machines).",
     )
     parser.add_argument(
-        "--compare", choices=list(COMPARISONS), default="ort",
-        help="ort: PyTorch against ONNX Runtime training and inference. trainer: a plain transformers.Trainer against "
-        "ORTTrainer's PyTorch path with ONNX Runtime inference (where no ORT training build exists).",
+        "--rows", nargs="+", choices=list(ROWS), default=["plain", "pytorch", "ort"],
+        help="What to run: " + ", ".join(f"{key} ({label})" for key, (label, _, _) in ROWS.items()) + ".",
+    )
+    parser.add_argument(
+        "--peak_tflops", type=float,
+        help="The device's dense fp16 peak, for the share of it each row reaches (known: "
+        + ", ".join(f"{name} {peak}" for name, peak in PEAK_TFLOPS.items()) + ").",
     )
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--script_args", default="", help="More arguments for the example script, as one string.")
@@ -153,10 +167,22 @@ def run_backend(script: Path, arguments: list, output_dir: Path, plain_trainer: 
         "losses": [entry["loss"] for entry in history if "loss" in entry],
         # In the train metrics of the ORT trainers only.
         "first_step_seconds": results.get("train_first_step_seconds"),
+        "train_steady_samples_per_second": _steady_train_throughput(results),
         "eval_steady_samples_per_second": _steady_eval_throughput(results),
         "peak_memory_mb": usage.ru_maxrss / 1024,
         "log": str(log_path),
     }
+
+
+def _steady_train_throughput(results: dict) -> float:
+    """Training samples/s after the first step (which holds ONNX Runtime's export and graph build), where the
+    trainer reports the first step's time."""
+    first_step = results.get("train_first_step_seconds")
+    if first_step is None:
+        return results["train_samples_per_second"]
+    samples_per_step = results["train_samples_per_second"] / results["train_steps_per_second"]
+    samples = results["train_samples_per_second"] * results["train_runtime"]
+    return (samples - samples_per_step) / (results["train_runtime"] - first_step)
 
 
 def _steady_eval_throughput(results: dict) -> float:
@@ -170,37 +196,74 @@ def _logged(pattern: str, text: str) -> str:
     return match.group(1).strip() if match else ""
 
 
-def _seconds(value) -> str:
-    return "-" if value is None else f"{value:.2f}"
+def count_parameters(task: str, config_source) -> int:
+    """The parameters each token is multiplied by: the model's, less its embedding tables (counted on the meta
+    device, without memory)."""
+    import torch
+    import transformers
+
+    auto_class = {
+        "text-classification": transformers.AutoModelForSequenceClassification,
+        "token-classification": transformers.AutoModelForTokenClassification,
+        "translation": transformers.AutoModelForSeq2SeqLM,
+    }[task]
+    with torch.device("meta"):
+        model = auto_class.from_config(transformers.AutoConfig.from_pretrained(config_source))
+    embeddings = {id(p) for module in model.modules() if isinstance(module, torch.nn.Embedding) for p in module.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
 
 
-def gain(ort: float, pytorch: float, lower_is_better: bool) -> float:
-    return 100 * ((pytorch - ort) / pytorch if lower_is_better else (ort - pytorch) / pytorch)
+def tflops(run: dict, parameters: int) -> dict:
+    """Achieved TFLOP/s: 6 x parameters x computed tokens for a training step, 2 x for evaluation."""
+    results = run["results"]
+    return {
+        split: factor * parameters * results[f"{split}_computed_tokens_per_sample"]
+        * run[f"{split}_steady_samples_per_second"] / 1e12
+        for split, factor in (("train", 6), ("eval", 2))
+        if f"{split}_computed_tokens_per_sample" in results
+    }
+
+
+def ratio(candidate: dict, baseline: dict, figure: str) -> float:
+    return candidate[figure] / baseline[figure]
+
+
+def _figure(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def markdown(report: dict) -> str:
-    name = report["model"]
-    rows = [
-        "| Model | Backend (trained with) | Runtime(s) | Train samples(/s) | First step(s) | Eval backend | Eval samples(/s) | Eval setup(s) | Peak memory(MB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+    name, peak = report["model"], report["peak_tflops"]
+    lines = [
+        "| Model | Row (trained with) | Train samples/s | Tokens/sample real, computed | Train TFLOP/s | First step(s) "
+        "| Eval backend | Eval samples/s | Eval tokens/sample computed | Eval TFLOP/s | Peak memory(MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, run in report["runs"].items():
-        results = run["results"]
-        rows.append(
-            f"| {name} | {label} ({run['training_backend']}) | {results['train_runtime']:.1f} | "
-            f"{results['train_samples_per_second']:.2f} | {_seconds(run['first_step_seconds'])} | {run['evaluation_backend']} | "
-            f"{run['eval_steady_samples_per_second']:.2f} | {results.get('eval_ort_setup_seconds', 0.0):.1f} | "
-            f"{run['peak_memory_mb']:.0f} |"
+        results, achieved = run["results"], run["tflops"]
+
+        def rate(split):
+            if split not in achieved:
+                return "-"
+            share = f" ({100 * achieved[split] / peak:.0f}% of peak)" if peak else ""
+            return f"{achieved[split]:.2f}{share}"
+
+        lines.append(
+            f"| {name} | {label} ({run['training_backend']}) | {run['train_steady_samples_per_second']:.2f} | "
+            f"{_figure(results.get('train_real_tokens_per_sample'), 1)}, "
+            f"{_figure(results.get('train_computed_tokens_per_sample'), 1)} | {rate('train')} | "
+            f"{_figure(run['first_step_seconds'])} | {run['evaluation_backend']} | "
+            f"{run['eval_steady_samples_per_second']:.2f} | {_figure(results.get('eval_computed_tokens_per_sample'), 1)} "
+            f"| {rate('eval')} | {run['peak_memory_mb']:.0f} |"
         )
-    gains = report["gain"]
-    rows += [
-        "",
-        "| Model | Latency gain | Train throughput gain | Eval throughput gain | Max loss difference |",
-        "|---|---|---|---|---|",
-        f"| {name} | {gains['latency_percent']:.1f}% | {gains['train_throughput_percent']:.1f}% | "
-        f"{gains['eval_throughput_percent']:.1f}% | {gains['max_loss_difference']:.1e} |",
-    ]
-    return "\n".join(rows) + "\n"
+    if report["ratios"]:
+        lines += ["", "| Model | Comparison | Train samples/s | Eval samples/s | Max loss difference |", "|---|---|---|---|---|"]
+        lines += [
+            f"| {name} | {comparison} | {figures['train']:.2f}x | {figures['eval']:.2f}x | "
+            f"{figures['max_loss_difference']:.1e} |"
+            for comparison, figures in report["ratios"].items()
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def plot(report: dict, path: Path):
@@ -211,14 +274,15 @@ def plot(report: dict, path: Path):
 
     labels = list(report["runs"])
     figures = {
-        "Train samples/s": [run["results"]["train_samples_per_second"] for run in report["runs"].values()],
+        "Train samples/s": [run["train_steady_samples_per_second"] for run in report["runs"].values()],
         "Eval samples/s": [run["eval_steady_samples_per_second"] for run in report["runs"].values()],
     }
-    figure, axes = plt.subplots(1, len(figures), figsize=(9, 3.5))
+    figure, axes = plt.subplots(1, len(figures), figsize=(3 + 2 * len(labels), 3.5))
     for axis, (title, values) in zip(axes, figures.items()):
-        bars = axis.bar(labels, values, color=["#888888", "#2a6fdb"])
+        bars = axis.bar(labels, values, color=["#888888", "#bbbbbb", "#2a6fdb", "#7aa6ef", "#1a4f9b"][: len(labels)])
         axis.bar_label(bars, fmt="%.1f")
         axis.set_title(title)
+        axis.tick_params(axis="x", labelrotation=20)
     figure.suptitle(f"{report['model']}, {report['task']}, batch {report['batch_size']}, length {report['seq_length']}")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -226,14 +290,45 @@ def plot(report: dict, path: Path):
 
 def _median_run(runs: list) -> dict:
     """The run with the median train samples/s, holding every run's figure too."""
-    ranked = sorted(runs, key=lambda run: run["results"]["train_samples_per_second"])
+    ranked = sorted(runs, key=lambda run: run["train_steady_samples_per_second"])
     return dict(ranked[(len(ranked) - 1) // 2], train_samples_per_second_of_each_run=[
-        run["results"]["train_samples_per_second"] for run in runs
+        run["train_steady_samples_per_second"] for run in runs
     ])
 
 
 def _folder(label: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
+
+
+def comparisons(runs: dict) -> dict:
+    """ONNX Runtime (and torch.compile) against PyTorch on the same tokens; trimming padding against plain
+    `transformers.Trainer`, reported as the trick's own gain."""
+    pairs = {
+        "ONNX Runtime / PyTorch, same tokens": ("ONNX Runtime", "PyTorch"),
+        "ONNX Runtime int8 / PyTorch fp32, same tokens": ("ONNX Runtime int8", "PyTorch"),
+        "torch.compile / PyTorch, same tokens": ("torch.compile", "PyTorch"),
+        "padding trimming: PyTorch / transformers.Trainer": ("PyTorch", "transformers.Trainer"),
+    }
+    found = {}
+    for name, (candidate, baseline) in pairs.items():
+        if candidate in runs and baseline in runs:
+            a, b = runs[candidate], runs[baseline]
+            found[name] = {
+                "train": ratio(a, b, "train_steady_samples_per_second"),
+                "eval": ratio(a, b, "eval_steady_samples_per_second"),
+                "max_loss_difference": max(abs(x - y) for x, y in zip(a["losses"], b["losses"])),
+            }
+    return found
+
+
+def _device_peak(args) -> float | None:
+    """The dense fp16 peak for the share of it reached: given, or known for this GPU; none for fp32 or CPU."""
+    if args.peak_tflops or not args.fp16:
+        return args.peak_tflops
+    import torch
+
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return next((peak for device, peak in PEAK_TFLOPS.items() if device in name), None)
 
 
 def main(argv=None):
@@ -254,28 +349,26 @@ def main(argv=None):
         arguments += ["--max_seq_length", args.seq_length]
     if args.task == "text-classification":
         arguments += ["--pad_to_max_length", "True"]
-    # The user's arguments come last, so that they win.
-    all_runs = {label: [] for label in COMPARISONS[args.compare]}
+    all_runs = {ROWS[row][0]: [] for row in args.rows}
     for repeat in range(args.repeats):
-        for label, (flags, plain) in COMPARISONS[args.compare].items():
+        for row in args.rows:
+            label, flags, plain = ROWS[row]
             folder = output_dir / (_folder(label) + (f"_{repeat + 1}" if args.repeats > 1 else ""))
+            # The user's arguments come last, so that they win.
             all_runs[label].append(run_backend(script, [*arguments, *flags, *args.script_args.split()], folder, plain))
     runs = {label: _median_run(label_runs) for label, label_runs in all_runs.items()}
-    baseline, candidate = runs.values()  # the gains are the second run's over the first
+    if args.task != "translation":  # generation's work is not that of a forward pass per token
+        parameters = count_parameters(args.task, args.model_name_or_path or output_dir)
+        for run in runs.values():
+            run["tflops"] = tflops(run, parameters)
+    else:
+        parameters = None
+        for run in runs.values():
+            run["tflops"] = {}
     report = {
         "model": args.model_name_or_path or args.model, "task": args.task, "batch_size": args.batch_size,
-        "seq_length": args.seq_length, "real_tokens": args.real_tokens, "fp16": args.fp16, "compare": args.compare,
-        "runs": runs,
-        "gain": {
-            "latency_percent": gain(candidate["results"]["train_runtime"], baseline["results"]["train_runtime"], True),
-            "train_throughput_percent": gain(
-                candidate["results"]["train_samples_per_second"], baseline["results"]["train_samples_per_second"], False
-            ),
-            "eval_throughput_percent": gain(
-                candidate["eval_steady_samples_per_second"], baseline["eval_steady_samples_per_second"], False
-            ),
-            "max_loss_difference": max(abs(a - b) for a, b in zip(baseline["losses"], candidate["losses"])),
-        },
+        "seq_length": args.seq_length, "real_tokens": args.real_tokens, "fp16": args.fp16, "parameters": parameters,
+        "peak_tflops": _device_peak(args), "runs": runs, "ratios": comparisons(runs),
     }
     (output_dir / "benchmark.json").write_text(json.dumps(report, indent=1))
     (output_dir / "benchmark.md").write_text(markdown(report))

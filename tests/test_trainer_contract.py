@@ -46,7 +46,9 @@ def test_log_history_and_on_log_are_trainers_own_first_step_time_is_a_train_metr
     assert [sorted(entry) for entry in ort.state.log_history] == [sorted(entry) for entry in plain.state.log_history]
     assert ort_logged.keys == plain_logged.keys and len(ort_logged.keys) == 4
     assert ort_output.metrics["train_first_step_seconds"] > 0
-    assert set(ort_output.metrics) - set(plain_output.metrics) == {"train_first_step_seconds"}
+    assert set(ort_output.metrics) - set(plain_output.metrics) == {
+        "train_first_step_seconds", "train_real_tokens_per_sample", "train_computed_tokens_per_sample"
+    }
 
 
 @dataclass
