@@ -1,5 +1,6 @@
 from setuptools import find_packages, setup
 
+ONNXSCRIPT = "onnxscript>=0.7"  # the dynamo ONNX exporter, used by the compile backend
 EXAMPLES = ["datasets>=3", "evaluate>=0.4", "scikit-learn", "scipy", "seqeval", "sacrebleu>=2", "tokenizers", "sentencepiece"]
 
 setup(
@@ -14,12 +15,17 @@ setup(
     install_requires=["torch>=2.5", "transformers>=5,<6", "accelerate>=1.0", "numpy", "packaging", "coloredlogs"],
     extras_require={
         # Pick one ONNX Runtime build: they all install the `onnxruntime` module and conflict with each other.
-        "training-cpu": ["onnxruntime-training-cpu==1.19.2", "ninja"],  # ninja builds ORT's C++ extension
-        "training-gpu": ["onnxruntime-training==1.19.2", "ninja"],  # CUDA 11.8, Python <= 3.11
+        "training-cpu": ["onnxruntime-training-cpu==1.19.2", "ninja", ONNXSCRIPT],  # ninja builds ORT's C++ extension
+        "training-gpu": ["onnxruntime-training==1.19.2", "ninja", ONNXSCRIPT],  # CUDA 11.8, Python <= 3.11
+        # The compile backend: training in any current onnxruntime build (no onnxruntime-training).
+        "compile": ["onnxruntime>=1.19", ONNXSCRIPT],
+        "compile-gpu": ["onnxruntime-gpu>=1.19", ONNXSCRIPT],
         "inference": ["onnxruntime>=1.17"],
         "inference-gpu": ["onnxruntime-gpu>=1.17"],
         "examples": EXAMPLES,
         "benchmark": EXAMPLES + ["matplotlib"],
-        "tests": EXAMPLES + ["matplotlib", "pytest"],
+        "tests": EXAMPLES + ["matplotlib", "pytest", ONNXSCRIPT],
     },
+    # `torch.compile(model, backend="onnxruntime")` finds the compile backend without importing ort_trainer first.
+    entry_points={"torch_dynamo_backends": ["onnxruntime = ort_trainer.compile_backend:onnxruntime_backend"]},
 )
