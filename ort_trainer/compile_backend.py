@@ -222,11 +222,18 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs) -> ONNXRuntimeGraph:
     return ONNXRuntimeGraph(path, gm, example_inputs)
 
 
+def _copy_with_broadcast(destination, source, non_blocking=False):
+    # The exporter translates `aten.copy` as a cast of `source`, without broadcasting it to `destination`'s shape:
+    # a scalar written into a column (`shifted[:, 0] = decoder_start_token_id` in BART and T5) lost its shape.
+    return source.to(dtype=destination.dtype, device=destination.device).expand(destination.shape).clone()
+
+
 def _aot_autograd_backend():
     from torch._decomp import core_aten_decompositions
     from torch._dynamo.backends.common import aot_autograd
 
-    return aot_autograd(fw_compiler=compile_graph, bw_compiler=compile_graph, decompositions=core_aten_decompositions())
+    decompositions = {**core_aten_decompositions(), torch.ops.aten.copy.default: _copy_with_broadcast}
+    return aot_autograd(fw_compiler=compile_graph, bw_compiler=compile_graph, decompositions=decompositions)
 
 
 onnxruntime_backend = _aot_autograd_backend()
@@ -261,8 +268,9 @@ def graph_limits(max_graphs: int):
 
 def describe_failure(model: torch.nn.Module, error: BaseException) -> str:
     """A sentence saying why the compile backend could not train `model`: the first line of the root error."""
-    while getattr(error, "inner_exception", None) is not None:  # dynamo wraps the backend's own error
-        error = error.inner_exception
+    # dynamo wraps the backend's error, the exporter wraps the error of the step that failed: the root says why.
+    while getattr(error, "inner_exception", None) is not None or error.__cause__ is not None:
+        error = getattr(error, "inner_exception", None) or error.__cause__
     lines = str(error).strip().splitlines() or [type(error).__name__]
     return f"ONNX Runtime (compile backend) could not train {type(uncompiled(model)).__name__}: {lines[0]}."
 
