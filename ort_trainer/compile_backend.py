@@ -236,7 +236,16 @@ def _aot_autograd_backend():
     return aot_autograd(fw_compiler=compile_graph, bw_compiler=compile_graph, decompositions=decompositions)
 
 
-onnxruntime_backend = _aot_autograd_backend()
+_aot_backend = _aot_autograd_backend()
+
+
+def onnxruntime_backend(gm: torch.fx.GraphModule, example_inputs):
+    """The dynamo backend. Attention traces as its math (matmuls and softmax), whose backward exports; the fused
+    CPU and CUDA attention kernels' backward ops have no ONNX translation."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        return _aot_backend(gm, example_inputs)
 
 
 def _register():
