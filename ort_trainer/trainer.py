@@ -350,7 +350,7 @@ class ORTTrainer(Trainer):
                 )
         else:
             status = ortmodule.ortmodule_status(self.accelerator.unwrap_model(model))
-            logger.info("Training backend: %s on %s (ORTModule: %s).", status.backend, device, self._backend_reason)
+            logger.info("Training backend: %s on %s. ORTModule (%s).", status.backend, device, self._backend_reason)
             if device.type == "cpu":
                 logger.info(
                     "On CPU, ONNX Runtime trains a BERT-base about 0.9x as fast as PyTorch on the same tokens; its "

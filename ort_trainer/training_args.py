@@ -160,6 +160,11 @@ class ORTTrainingArguments(TrainingArguments):
                 "`--bf16` with ONNX Runtime training needs a GPU: ONNX Runtime's CPU build has no bf16 kernels. "
                 "To fix: drop `--bf16`, or train in bf16 with PyTorch (`--use_ort False`)."
             )
+        if self.bf16 and self.use_ort and self.training_backend()[0] == "compile":
+            raise ValueError(
+                "`--bf16` with the compile backend is not supported: ONNX Runtime's I/O binding takes no bf16 tensors "
+                "from PyTorch. To fix: use `--fp16` on a GPU, or train in bf16 with PyTorch (`--use_ort False`)."
+            )
         if self.fp16 and self.device.type == "cpu":
             raise ValueError(
                 "`--fp16` needs a GPU, and this run is on CPU. To fix: drop `--fp16`, or use `--bf16 --use_cpu`."
