@@ -123,8 +123,8 @@ def _export(gm: torch.fx.GraphModule, example_inputs, path: Path):
 
 
 def _device_of(example_inputs) -> torch.device:
-    devices = {value.device for value in example_inputs if value.device.type != "cpu" or value.dim() > 0}
-    return next(iter(devices - {torch.device("cpu")}), torch.device("cpu"))
+    """The accelerator the graph's tensors live on (a graph on CUDA may still take 0-d CPU scalars), else CPU."""
+    return next((value.device for value in example_inputs if value.device.type != "cpu"), torch.device("cpu"))
 
 
 def create_session(path: Path, device: torch.device):

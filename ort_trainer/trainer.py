@@ -210,9 +210,8 @@ class ORTTrainer(Trainer):
         from . import compile_backend
 
         now, start = compile_backend.stats, self._compile_stats_at_start
-        return dataclasses.replace(
-            now, **{field.name: getattr(now, field.name) - getattr(start, field.name) for field in dataclasses.fields(now)}
-        )
+        names = [field.name for field in dataclasses.fields(now)]
+        return dataclasses.replace(now, **{name: getattr(now, name) - getattr(start, name) for name in names})
 
     def _is_ort_model(self, model) -> bool:
         if self._backend == "compile":
@@ -294,9 +293,9 @@ class ORTTrainer(Trainer):
 
     def _pad_to_bucket(self, inputs: dict) -> dict:
         config = self.model.config
+        max_length = getattr(config, "max_position_embeddings", None)
         inputs = pad_to_multiple(
-            inputs, COMPILE_LENGTH_MULTIPLE, config.pad_token_id or 0, getattr(config, "max_position_embeddings", None),
-            labels_too=not config.is_encoder_decoder,
+            inputs, COMPILE_LENGTH_MULTIPLE, config.pad_token_id or 0, max_length, labels_too=not config.is_encoder_decoder
         )
         labels = inputs.get("labels")
         if config.is_encoder_decoder and "decoder_input_ids" not in inputs and torch.is_tensor(labels):
@@ -341,7 +340,8 @@ class ORTTrainer(Trainer):
                 "Training backend: ONNX Runtime (compile backend, %s, %s) on %s: %s. %d graphs built (%d exported "
                 "in %.1f s, %d read from the cache in %s).",
                 provider, "fp16" if self.args.fp16 else "fp32", device, self._backend_reason, stats.graphs_built,
-                stats.graphs_exported, stats.export_seconds, stats.graphs_from_cache, compile_backend.graph_cache_dir(),
+                stats.graphs_exported, stats.export_seconds, stats.graphs_from_cache,
+                compile_backend.graph_cache_dir(),
             )
             if stats.session_runs > 2:  # one forward and one backward graph per captured region
                 logger.info(

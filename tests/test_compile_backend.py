@@ -19,6 +19,10 @@ def graph_cache(tmp_path, monkeypatch):
     return tmp_path / "cache" / "compiled_graphs"
 
 
+def bert_trainer(args):
+    return ORTTrainer(model=tiny_model("bert"), args=args, train_dataset=tiny_dataset("bert"))
+
+
 def compile_args(tmp_path, **overrides):
     values = dict(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, learning_rate=1e-3, seed=0, report_to=[],
@@ -44,14 +48,14 @@ def test_torch_compile_with_the_registered_backend_name_matches_eager():
 
 
 def test_second_run_reads_every_graph_from_the_cache(tmp_path, graph_cache, caplog):
-    first = ORTTrainer(model=tiny_model("bert"), args=compile_args(tmp_path, max_steps=2), train_dataset=tiny_dataset("bert"))
+    first = bert_trainer(compile_args(tmp_path, max_steps=2))
     metrics = first.train().metrics
     assert metrics["ort_graphs"] >= 2 and metrics["ort_export_seconds"] > 0
     exported = compile_backend.stats.graphs_exported
     assert {path.suffix for path in graph_cache.iterdir()} == {".onnx"}  # no temporary file left behind
 
     torch._dynamo.reset()  # as in a new process: dynamo traces again, the export is what the cache saves
-    second = ORTTrainer(model=tiny_model("bert"), args=compile_args(tmp_path, max_steps=2), train_dataset=tiny_dataset("bert"))
+    second = bert_trainer(compile_args(tmp_path, max_steps=2))
     with caplog.at_level("INFO", logger="ort_trainer"):
         metrics = second.train().metrics
     assert compile_backend.stats.graphs_exported == exported
@@ -91,17 +95,17 @@ def test_trimmed_lengths_share_a_few_graphs_and_train_like_pytorch(tmp_path):
 
 
 def test_checkpoints_are_plain_and_resume_matches_an_uninterrupted_run(tmp_path):
-    full = ORTTrainer(model=tiny_model("bert"), args=compile_args(tmp_path / "full", max_steps=6), train_dataset=tiny_dataset("bert"))
+    full = bert_trainer(compile_args(tmp_path / "full", max_steps=6))
     full.train()
     args = compile_args(tmp_path / "resumed", max_steps=6, save_strategy="steps", save_steps=3)
-    interrupted = ORTTrainer(model=tiny_model("bert"), args=args, train_dataset=tiny_dataset("bert"))
+    interrupted = bert_trainer(args)
     interrupted.train()
     checkpoint = tmp_path / "resumed" / "out" / "checkpoint-3"
     reloaded = AutoModelForSequenceClassification.from_pretrained(checkpoint)
     assert set(reloaded.state_dict()) == set(tiny_model("bert").state_dict())  # no `_orig_mod.` prefix
 
     runs = compile_backend.stats.session_runs
-    resumed = ORTTrainer(model=tiny_model("bert"), args=args, train_dataset=tiny_dataset("bert"))
+    resumed = bert_trainer(args)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert compile_backend.stats.session_runs - runs == 2 * 3  # steps 4 to 6, in ONNX Runtime
     final = full.model.state_dict()
@@ -122,7 +126,8 @@ def test_loss_inside_the_graph_matches_pytorch(tmp_path):
     ort = ORTTrainer(model=tiny_model("bert"), args=compile_args(tmp_path, use_module_with_loss=True, **common),
                      train_dataset=tiny_dataset("bert"))
     ort.train()
-    assert type(compile_backend.uncompiled(ort.accelerator.unwrap_model(ort.model_wrapped))).__name__ == "_ModelWithLoss"
+    compiled = ort.accelerator.unwrap_model(ort.model_wrapped)
+    assert type(compile_backend.uncompiled(compiled)).__name__ == "_ModelWithLoss"
     assert compile_backend.stats.session_runs - runs >= 2 * 3
     for key, value in ort.model.state_dict().items():
         torch.testing.assert_close(value, reference.model.state_dict()[key], atol=1e-4, rtol=0, msg=key)
@@ -142,7 +147,8 @@ class CumulativeMaxClassifier(torch.nn.Module):
 
 
 def test_model_the_exporter_cannot_translate_fails_in_one_line(tmp_path):
-    trainer = ORTTrainer(model=CumulativeMaxClassifier(), args=compile_args(tmp_path, max_steps=2), train_dataset=tiny_dataset("bert"))
+    args = compile_args(tmp_path, max_steps=2)
+    trainer = ORTTrainer(model=CumulativeMaxClassifier(), args=args, train_dataset=tiny_dataset("bert"))
     with pytest.raises(ORTTrainingError) as raised:
         trainer.train()
     message = str(raised.value)
@@ -151,7 +157,9 @@ def test_model_the_exporter_cannot_translate_fails_in_one_line(tmp_path):
         "ONNX Runtime (compile backend) could not train CumulativeMaxClassifier: No ONNX function found for "
         "<OpOverload(op='aten.cummax', overload='default')>."
     )
-    assert message.endswith("To fix: pass `--ort_fallback pytorch` to train in PyTorch when ORT cannot, or `--use_ort False`.")
+    assert message.endswith(
+        "To fix: pass `--ort_fallback pytorch` to train in PyTorch when ORT cannot, or `--use_ort False`."
+    )
 
 
 def test_model_the_exporter_cannot_translate_falls_back_to_pytorch(tmp_path, caplog):

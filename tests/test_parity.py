@@ -1,5 +1,5 @@
 """ORTTrainer trains exactly as transformers.Trainer does, with ONNX Runtime really running the graph, through either
-backend. `ORT_TRAINER_TEST_BACKENDS=compile` runs only the compile backend (for builds without onnxruntime-training)."""
+backend. `ORT_TRAINER_TEST_BACKENDS=compile` runs only the compile backend (builds without onnxruntime-training)."""
 
 import os
 
