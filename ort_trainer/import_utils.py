@@ -11,6 +11,7 @@ from functools import lru_cache
 ORT_TRAINING_DISTRIBUTIONS = ("onnxruntime-training", "onnxruntime-training-cpu")
 ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", *ORT_TRAINING_DISTRIBUTIONS)
 
+ORT_INSTALL_HINT = "pip install 'ort_trainer[compile]' (any onnxruntime build trains through the compile backend)"
 ORT_TRAINING_INSTALL_HINT = (
     "pip install 'ort_trainer[training-cpu]' (CPU) or 'ort_trainer[training-gpu]' (CUDA 11.8, Python <= 3.11)"
 )
@@ -39,6 +40,10 @@ def is_onnxruntime_available() -> bool:
 
 def is_onnxruntime_training_available() -> bool:
     return onnxruntime_distribution() in ORT_TRAINING_DISTRIBUTIONS
+
+
+def is_onnxscript_available() -> bool:
+    return _installed_distribution("onnxscript", ("onnxscript",)) is not None
 
 
 @lru_cache

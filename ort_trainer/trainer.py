@@ -1,12 +1,14 @@
-"""`ORTTrainer` and `Seq2SeqORTTrainer`: the `transformers` trainers, training through ONNX Runtime's ORTModule.
+"""`ORTTrainer` and `Seq2SeqORTTrainer`: the `transformers` trainers, training in ONNX Runtime through ORTModule
+or through the compile backend (`compile_backend.py`), as `--ort_backend` chooses.
 
 Only hooks are overridden, each around a `super()` call (written against transformers 5.23):
-- `_wrap_model` puts the model in an ORTModule for training and lets accelerate wrap that (DDP outside ORT);
+- `_wrap_model` puts the model in an ORTModule, or compiles it with the compile backend, for training and lets
+  accelerate wrap that (DDP outside ORT);
 - `get_optimizer_cls_and_kwargs` adds ORT's FusedAdam;
 - `compute_loss` runs the loss inside the ORT graph with `--use_module_with_loss`;
 - `training_step` refuses bad batches as data errors, adds the attention mask a model takes by default, drops
-  all-padding columns, and on the first step reports which backend really ran (or why ORT could not, then fails
-  or falls back to PyTorch);
+  all-padding columns (and for the compile backend pads lengths up to a few buckets, one graph each), and on the
+  first step reports which backend really ran (or why ORT could not, then fails or falls back to PyTorch);
 - `train` and `_save` switch the model to what ORT can differentiate for training and back; `train` adds the
   first step's time (ORT's export and graph build) to its metrics as `train_first_step_seconds`;
 - `evaluation_loop` and `prediction_step` run `--inference_with_ort` in an InferenceSession; for
@@ -82,6 +84,36 @@ def _prepared_for_ort_training(model: torch.nn.Module):
         user_values = [config.use_cache for config in configs]
         with _use_cache(configs, [False] * len(configs)):
             yield lambda: _use_cache(configs, user_values)
+
+
+# The compile backend builds one graph per batch shape: trimmed lengths are rounded up to a multiple of this.
+COMPILE_LENGTH_MULTIPLE = 32
+# Past this many graphs for one model, the shapes change without bound: dynamo then raises, instead of silently
+# running the model in PyTorch.
+COMPILE_MAX_GRAPHS = 64
+
+
+def pad_to_multiple(inputs: dict, multiple: int, pad_token_id: int, max_length: int | None, labels_too: bool) -> dict:
+    """Pad the sequence columns at the end up to a multiple of `multiple` (at most `max_length`), so that batches
+    trimmed to any length share a few shapes. The new columns are masked out of attention, and labels there are
+    ignored, so results stay equal. Inputs with explicit `position_ids` are left as they are."""
+    mask = inputs.get("attention_mask")
+    if not torch.is_tensor(mask) or mask.dim() != 2 or "position_ids" in inputs:
+        return inputs
+    width = mask.shape[1]
+    target = -(-width // multiple) * multiple
+    if max_length is not None:
+        target = max(width, min(target, max_length))
+    if target == width:
+        return inputs
+    fill = {"input_ids": pad_token_id, "attention_mask": 0, "token_type_ids": 0}
+    if labels_too:
+        fill["labels"] = -100
+    return {
+        name: torch.nn.functional.pad(value, (0, target - width), value=fill[name])
+        if name in fill and torch.is_tensor(value) and value.dim() == 2 and value.shape[1] == width else value
+        for name, value in inputs.items()
+    }
 
 
 def _as_ort_arguments(args: TrainingArguments | None, args_class: type) -> TrainingArguments:
@@ -192,18 +224,27 @@ class ORTTrainer(TokenCountingMixin, Trainer):
         self._pytorch_fallback = None  # the model trained in PyTorch after ORT failed, with `--ort_fallback pytorch`
         self._fallback_reason = ""
         self._first_step_seconds = None
+        self._backend, self._backend_reason = "", ""  # `ortmodule` or `compile`, and why
         self._inference_model, self._inference_weights = None, None  # `--inference_with_ort`'s, for these weights
         self._running_in = None  # the sessions the model computes in, inside an evaluation loop
 
     def train(self, *args, **kwargs):
         self._backend_reported, self._pytorch_fallback, self._first_step_seconds = False, None, None
         if self.args.use_ort:
-            with _prepared_for_ort_training(self.model) as user_settings:
+            self._backend, self._backend_reason = self.args.training_backend()
+            with _prepared_for_ort_training(self.model) as user_settings, self._graph_limits():
                 self._user_settings = user_settings
                 try:
                     output = super().train(*args, **kwargs)
                 finally:
                     self._user_settings = contextlib.nullcontext
+            if self._backend == "compile" and self._pytorch_fallback is None:
+                stats = self._compile_stats()
+                logger.info(
+                    "Compile backend: %d graphs for this model (%d exported in %.1f s, %d read from the cache).",
+                    stats.graphs_built, stats.graphs_exported, stats.export_seconds, stats.graphs_from_cache,
+                )
+                output.metrics.update(ort_graphs=stats.graphs_built, ort_export_seconds=round(stats.export_seconds, 3))
         else:
             output = super().train(*args, **kwargs)
         # The first step includes ORT's export and graph build: reported apart, for benchmarks, with the train
@@ -212,13 +253,41 @@ class ORTTrainer(TokenCountingMixin, Trainer):
             output.metrics["train_first_step_seconds"] = round(self._first_step_seconds, 3)
         return output
 
+    def _graph_limits(self):
+        if self._backend != "compile":
+            return contextlib.nullcontext()
+        from . import compile_backend
+
+        self._compile_stats_at_start = dataclasses.replace(compile_backend.stats)
+        return compile_backend.graph_limits(COMPILE_MAX_GRAPHS)
+
+    def _compile_stats(self):
+        """What the compile backend did since this `train` call began."""
+        from . import compile_backend
+
+        now, start = compile_backend.stats, self._compile_stats_at_start
+        names = [field.name for field in dataclasses.fields(now)]
+        return dataclasses.replace(now, **{name: getattr(now, name) - getattr(start, name) for name in names})
+
+    def _is_ort_model(self, model) -> bool:
+        if self._backend == "compile":
+            from . import compile_backend
+
+            return compile_backend.is_compiled(model)
+        return ortmodule.is_ortmodule(model)
+
     def _wrap_model(self, model, training=True, dataloader=None):
         if not (training and self.args.use_ort):
             return super()._wrap_model(model, training, dataloader)
-        if ortmodule.is_ortmodule(self.accelerator.unwrap_model(model)):
+        if self._is_ort_model(self.accelerator.unwrap_model(model)):
             return model
         to_wrap = _ModelWithLoss(self.model, super().compute_loss) if self.args.use_module_with_loss else self.model
-        ort_model = ortmodule.wrap_with_ortmodule(to_wrap, self._ortmodule_options())
+        if self._backend == "compile":
+            from . import compile_backend
+
+            ort_model = compile_backend.compile_model(to_wrap)
+        else:
+            ort_model = ortmodule.wrap_with_ortmodule(to_wrap, self._ortmodule_options())
         # accelerate places the ORTModule, wraps it in DDP under torchrun and applies autocast. Returning a
         # model other than `self.model` tells `Trainer` that only the optimizer is left to prepare.
         return self.accelerator.prepare_model(ort_model)
@@ -256,6 +325,8 @@ class ORTTrainer(TokenCountingMixin, Trainer):
         elif self.args.use_ort:
             inputs = self._ort_training_inputs(inputs)
         inputs = self._trimmed(inputs)
+        if self.args.use_ort and self._backend == "compile" and self._pytorch_fallback is None:
+            inputs = self._pad_to_bucket(inputs)
         if self._backend_reported:
             return super().training_step(model, inputs, num_items_in_batch)
         # The first step exports and builds the ORT graph: say plainly what failed, and which backend runs.
@@ -264,10 +335,10 @@ class ORTTrainer(TokenCountingMixin, Trainer):
             loss = super().training_step(model, inputs, num_items_in_batch)
         except Exception as error:
             unwrapped = self.accelerator.unwrap_model(model)
-            if not ortmodule.is_ortmodule(unwrapped):
+            if not self._is_ort_model(unwrapped):
                 raise
             self._raise_if_fails_in_pytorch(batch, num_items_in_batch)
-            reason = ortmodule.describe_failure(unwrapped, error)
+            reason = self._describe_failure(unwrapped, error)
             if self.args.ort_fallback == "error":
                 raise ortmodule.ORTTrainingError(
                     f"{reason} To fix: pass `--ort_fallback pytorch` to train in PyTorch when ORT cannot, "
@@ -305,6 +376,28 @@ class ORTTrainer(TokenCountingMixin, Trainer):
                 "vocabulary size)."
             ) from error
 
+    def _pad_to_bucket(self, inputs: dict) -> dict:
+        config = self.model.config
+        max_length = getattr(config, "max_position_embeddings", None)
+        inputs = pad_to_multiple(
+            inputs, COMPILE_LENGTH_MULTIPLE, config.pad_token_id or 0, max_length, labels_too=not config.is_encoder_decoder
+        )
+        labels = inputs.get("labels")
+        if config.is_encoder_decoder and "decoder_input_ids" not in inputs and torch.is_tensor(labels):
+            # The decoder's inputs come from the labels: their length is bucketed too, the new labels ignored.
+            labels_only = pad_to_multiple(
+                {"attention_mask": labels, "labels": labels}, COMPILE_LENGTH_MULTIPLE, 0, None, labels_too=True
+            )
+            inputs = {**inputs, "labels": labels_only["labels"]}
+        return inputs
+
+    def _describe_failure(self, model, error: BaseException) -> str:
+        if self._backend != "compile":
+            return ortmodule.describe_failure(model, error)
+        from . import compile_backend
+
+        return compile_backend.describe_failure(model, error)
+
     def _fall_back_to_pytorch(self, reason: str):
         logger.warning("%s Training continues in PyTorch (`--ort_fallback pytorch`).", reason)
         self._fallback_reason = reason
@@ -318,9 +411,31 @@ class ORTTrainer(TokenCountingMixin, Trainer):
             logger.info("Training backend: PyTorch on %s (`--use_ort False`).", device)
         elif self._pytorch_fallback is not None:
             logger.warning("Training backend: PyTorch on %s, not ONNX Runtime. %s", device, self._fallback_reason)
+        elif self._backend == "compile":
+            from . import compile_backend
+
+            stats = self._compile_stats()
+            if stats.session_runs == 0:
+                raise ortmodule.ORTTrainingError(
+                    "The compile backend ran no ONNX Runtime session in the first training step: the model ran in "
+                    "PyTorch. To fix: pass `--ort_fallback pytorch`, or `--use_ort False`."
+                )
+            provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
+            logger.info(
+                "Training backend: ONNX Runtime (compile backend, %s, %s) on %s: %s. %d graphs built (%d exported "
+                "in %.1f s, %d read from the cache in %s).",
+                provider, "fp16" if self.args.fp16 else "fp32", device, self._backend_reason, stats.graphs_built,
+                stats.graphs_exported, stats.export_seconds, stats.graphs_from_cache,
+                compile_backend.graph_cache_dir(),
+            )
+            if stats.session_runs > 2:  # one forward and one backward graph per captured region
+                logger.info(
+                    "Graph breaks split the model into %d ONNX Runtime graphs; the code between them runs in PyTorch "
+                    "(TORCH_LOGS=graph_breaks says where).", stats.session_runs // 2,
+                )
         else:
             status = ortmodule.ortmodule_status(self.accelerator.unwrap_model(model))
-            logger.info("Training backend: %s on %s.", status.backend, device)
+            logger.info("Training backend: %s on %s. ORTModule (%s).", status.backend, device, self._backend_reason)
 
     def _inference_in_ort(self) -> bool:
         """`--inference_with_ort`, for the heads it covers, unless the model is on a GPU this ONNX Runtime cannot

@@ -5,9 +5,18 @@ from dataclasses import dataclass, field
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
-from .import_utils import ORT_TRAINING_INSTALL_HINT, is_onnxruntime_training_available
+from .import_utils import (
+    ORT_INSTALL_HINT,
+    ORT_TRAINING_INSTALL_HINT,
+    is_onnxruntime_available,
+    is_onnxruntime_training_available,
+    is_onnxscript_available,
+    onnxruntime_distribution,
+    onnxruntime_providers,
+)
 
 ORT_FUSED_ADAM = "adamw_ort_fused"
+ORT_BACKENDS = ("auto", "ortmodule", "compile")
 ORT_LOG_LEVELS = ("VERBOSE", "DEVINFO", "INFO", "WARNING", "FATAL")
 ORT_QUANTIZATIONS = ("none", "dynamic_int8")
 
@@ -21,6 +30,16 @@ class ORTTrainingArguments(TrainingArguments):
         metadata={
             "help": "Train with ONNX Runtime (ORTModule). `--use_ort False` runs the same script in plain PyTorch, "
             "for side-by-side comparison."
+        },
+    )
+    ort_backend: str = field(
+        default="auto",
+        metadata={
+            "help": "How ONNX Runtime trains: `ortmodule` (onnxruntime-training's ORTModule), `compile` (a "
+            "torch.compile backend running PyTorch's forward and backward graphs in ONNX Runtime sessions, with any "
+            "onnxruntime build), `auto`: ORTModule where onnxruntime-training is installed and has this device's "
+            "provider, else compile.",
+            "choices": list(ORT_BACKENDS),
         },
     )
     optim: str = field(
@@ -150,10 +169,22 @@ class ORTTrainingArguments(TrainingArguments):
                 f"`--ort_quantization {self.ort_quantization}` quantizes the ONNX Runtime evaluation graph, but "
                 "`--inference_with_ort` is off. To fix: add `--inference_with_ort`, or drop `--ort_quantization`."
             )
-        if self.use_ort and not is_onnxruntime_training_available():
+        if self.ort_backend not in ORT_BACKENDS:
+            raise ValueError(f"`--ort_backend` must be one of {', '.join(ORT_BACKENDS)}, got `{self.ort_backend}`.")
+        if self.use_ort and not is_onnxruntime_available():
             raise ValueError(
-                f"ONNX Runtime training is not installed. To fix: {ORT_TRAINING_INSTALL_HINT}, "
-                "or pass `--use_ort False` to train with PyTorch."
+                f"ONNX Runtime is not installed. To fix: {ORT_INSTALL_HINT}, or pass `--use_ort False` to train "
+                "with PyTorch."
+            )
+        if self.use_ort and self.ort_backend == "ortmodule" and not is_onnxruntime_training_available():
+            raise ValueError(
+                f"`--ort_backend ortmodule` needs onnxruntime-training, not {onnxruntime_distribution()}. To fix: "
+                f"{ORT_TRAINING_INSTALL_HINT}, or pass `--ort_backend compile`."
+            )
+        if self.use_ort and self.training_backend()[0] == "compile" and not is_onnxscript_available():
+            raise ValueError(
+                "The compile backend exports its graphs with onnxscript, which is not installed. To fix: "
+                "pip install onnxscript."
             )
         if self.optim == ORT_FUSED_ADAM and self.device.type != "cuda":
             raise ValueError(
@@ -165,10 +196,25 @@ class ORTTrainingArguments(TrainingArguments):
                 "`--bf16` with ONNX Runtime training needs a GPU: ONNX Runtime's CPU build has no bf16 kernels. "
                 "To fix: drop `--bf16`, or train in bf16 with PyTorch (`--use_ort False`)."
             )
+        if self.bf16 and self.use_ort and self.training_backend()[0] == "compile":
+            raise ValueError(
+                "`--bf16` with the compile backend is not supported: ONNX Runtime's I/O binding takes no bf16 tensors "
+                "from PyTorch. To fix: use `--fp16` on a GPU, or train in bf16 with PyTorch (`--use_ort False`)."
+            )
         if self.fp16 and self.device.type == "cpu":
             raise ValueError(
                 "`--fp16` needs a GPU, and this run is on CPU. To fix: drop `--fp16`, or use `--bf16 --use_cpu`."
             )
+
+    def training_backend(self) -> tuple[str, str]:
+        """The backend that trains with these arguments on this machine (`ortmodule` or `compile`), and why."""
+        if self.ort_backend != "auto":
+            return self.ort_backend, f"`--ort_backend {self.ort_backend}`"
+        if not is_onnxruntime_training_available():
+            return "compile", f"`--ort_backend auto` with {onnxruntime_distribution()}, not onnxruntime-training"
+        if self.device.type == "cuda" and "CUDAExecutionProvider" not in onnxruntime_providers():
+            return "compile", f"`--ort_backend auto`: {onnxruntime_distribution()} has no CUDA provider"
+        return "ortmodule", f"`--ort_backend auto` with {onnxruntime_distribution()}"
 
 
 @dataclass

@@ -2,6 +2,7 @@
 one machine, and a rank that dies."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -20,10 +21,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun(*args, nproc=2, timeout=240):
+def torchrun(*args, nproc=2, timeout=240, env=None):
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                f"--master_port={free_port()}", str(SCRIPT), *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def result(output_dir):
@@ -94,6 +95,27 @@ def test_a_dead_rank_stops_the_run_and_the_checkpoint_resumes(runs):
     resumed = torchrun(folder / "killed", 4, 1, 0, checkpoint)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_weights(result(folder / "killed"), double, atol=1e-5)
+
+
+def test_two_ranks_match_one_process_with_the_compile_backend(tmp_path):
+    """DDP around the compiled model; the ranks share one graph cache, which the second run reads from."""
+    environment = {**os.environ, "ORT_TRAINER_CACHE": str(tmp_path / "cache")}
+    single = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "single"), "8", "1", "0", "", "compile"],
+                            capture_output=True, text=True, env=environment)
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = torchrun(tmp_path / "double", 4, 1, 0, "", "compile", env=environment)
+    assert double.returncode == 0, double.stderr[-3000:]
+    single, double = result(tmp_path / "single"), result(tmp_path / "double")
+    assert (double["world_size"], double["wrapper"], double["inner"], double["backend"]) == (
+        2, "DistributedDataParallel", "OptimizedModule", "onnxruntime"
+    )
+    np.testing.assert_allclose(np.array(double["losses"]) / 2, single["losses"], atol=1e-4, rtol=0)
+    assert_same_weights(double, single, atol=1e-4)
+    assert single["graphs_exported"] > 0
+    # Batch 4 per rank is a new shape; rank 0's second run in the same cache exports nothing.
+    again = torchrun(tmp_path / "again", 4, 1, 0, "", "compile", env=environment)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert result(tmp_path / "again")["graphs_exported"] == 0 and result(tmp_path / "again")["graphs"] > 0
 
 
 @pytest.mark.parametrize("task", ["text-classification", "token-classification", "translation"])

@@ -1,0 +1,294 @@
+"""A `torch.compile` backend that trains in ONNX Runtime with any onnxruntime build (no onnxruntime-training).
+
+AOTAutograd splits each captured graph into a forward graph (which also returns what backward needs) and a
+backward graph; each is exported with the dynamo ONNX exporter and runs in an `onnxruntime.InferenceSession` on
+the device of its inputs (CPU, or CUDA with I/O binding). The gradient graph is PyTorch's; ONNX Runtime executes it.
+Exported graphs are cached on disk, keyed by the graph and the torch, onnxscript and onnxruntime versions.
+
+Registered with dynamo as "onnxruntime", so after `import ort_trainer.compile_backend` (or through the package's
+`torch_dynamo_backends` entry point) this works on its own:
+
+    compiled = torch.compile(model, backend="onnxruntime", dynamic=False)
+
+Shapes are static: each new input shape is a new pair of graphs. This module is the only place that knows the
+torch internals the backend needs (AOTAutograd, its decompositions, dynamo's registry and recompile limits).
+"""
+
+import contextlib
+import hashlib
+import importlib.metadata
+import logging
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy
+import torch
+
+from .ortmodule import cache_dir
+
+logger = logging.getLogger(__name__)
+
+BACKEND_NAME = "onnxruntime"
+
+# Element types for I/O binding (ONNX Runtime takes numpy dtypes).
+_NUMPY_DTYPES = {
+    torch.float32: numpy.float32, torch.float16: numpy.float16, torch.float64: numpy.float64, torch.int64: numpy.int64,
+    torch.int32: numpy.int32, torch.int8: numpy.int8, torch.uint8: numpy.uint8, torch.bool: numpy.bool_,
+}
+
+
+@dataclass
+class CompileStats:
+    """What the backend did in this process: graphs exported, graphs read from the cache, ONNX Runtime runs."""
+
+    graphs_exported: int = 0
+    graphs_from_cache: int = 0
+    session_runs: int = 0
+    export_seconds: float = 0.0
+
+    @property
+    def graphs_built(self) -> int:
+        return self.graphs_exported + self.graphs_from_cache
+
+
+stats = CompileStats()
+
+
+def graph_cache_dir() -> Path:
+    return cache_dir() / "compiled_graphs"
+
+
+def _versions() -> str:
+    import onnxruntime
+
+    onnxscript = importlib.metadata.version("onnxscript")
+    return f"torch {torch.__version__}, onnxscript {onnxscript}, onnxruntime {onnxruntime.__version__}"
+
+
+def _graph_key(gm: torch.fx.GraphModule, example_inputs) -> str:
+    """The graph's code, its constants, its inputs' dtypes, shapes and devices, and the versions that export and
+    run it: equal keys give the same ONNX graph."""
+    from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+
+    digest = hashlib.sha256(gm.code.encode())
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value = getattr(gm, node.target)
+            if torch.is_tensor(value) and not isinstance(value, FakeTensor):
+                with unset_fake_temporarily():  # AOTAutograd compiles in fake mode; constants are real
+                    digest.update(value.detach().cpu().numpy().tobytes())
+            else:
+                digest.update(repr(value).encode())
+    for value in example_inputs:
+        digest.update(f"{value.dtype}{tuple(value.shape)}{tuple(value.stride())}{value.device.type};".encode())
+    digest.update(_versions().encode())
+    return digest.hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter warns about every `None` gradient and missing torchvision op; none of it is actionable here."""
+    exporter_logger = logging.getLogger("torch.onnx")
+    level = exporter_logger.level
+    exporter_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        exporter_logger.setLevel(level)
+
+
+def _export(gm: torch.fx.GraphModule, example_inputs, path: Path):
+    """Export to `path`, written atomically so that processes sharing the cache never read half a file."""
+    start = time.perf_counter()
+    with _quiet_exporter():
+        program = torch.onnx.export(gm, tuple(example_inputs), dynamo=True, optimize=False, verbose=False)
+        try:
+            program.optimize()
+        except Exception as error:  # onnxscript's optimizer fails on some torch versions; ORT optimises anyway
+            logger.info("onnxscript could not optimise the graph (%s); exporting it unoptimised.", error)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as temporary:
+        temporary.write(program.model_proto.SerializeToString())
+    os.replace(temporary.name, path)
+    seconds = time.perf_counter() - start
+    stats.graphs_exported += 1
+    stats.export_seconds += seconds
+    logger.info("Exported graph %d to ONNX in %.1f s: %s", stats.graphs_built, seconds, path.name)
+
+
+def _device_of(example_inputs) -> torch.device:
+    """The accelerator the graph's tensors live on (a graph on CUDA may still take 0-d CPU scalars), else CPU."""
+    return next((value.device for value in example_inputs if value.device.type != "cpu"), torch.device("cpu"))
+
+
+def create_session(path: Path, device: torch.device):
+    """An InferenceSession for `device`: the CUDA provider on the tensors' stream for CUDA, else the CPU provider."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only: not the unused initializers every exported graph has
+    # ORT's threads would otherwise spin after each run, taking the cores from PyTorch's work in between.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if device.type == "cpu":
+        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    if device.type != "cuda" or "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        raise RuntimeError(
+            f"The installed onnxruntime has no provider for {device}. To fix: pip install onnxruntime-gpu "
+            "(alone: uninstall other onnxruntime builds first)."
+        )
+    cuda_options = {
+        "device_id": device.index or 0,
+        # ORT then runs on PyTorch's stream, so it sees the inputs PyTorch wrote and PyTorch sees its outputs.
+        "user_compute_stream": str(torch.cuda.current_stream(device).cuda_stream),
+    }
+    return onnxruntime.InferenceSession(str(path), options, providers=[("CUDAExecutionProvider", cuda_options)])
+
+
+def _to_torch(value, is_bool: bool) -> torch.Tensor:
+    """An ORT output as a tensor without a copy (newer builds expose `__dlpack__`, older ones `to_dlpack`). Older
+    builds hand bool tensors over as uint8."""
+    if hasattr(value, "__dlpack__"):
+        tensor = torch.from_dlpack(value)
+    else:
+        tensor = torch.utils.dlpack.from_dlpack(value._ortvalue.to_dlpack())
+    return tensor.view(torch.bool) if is_bool and tensor.dtype != torch.bool else tensor
+
+
+class ONNXRuntimeGraph:
+    """One exported FX graph in an InferenceSession, called as AOTAutograd calls the graph it replaces."""
+
+    def __init__(self, path: Path, gm: torch.fx.GraphModule, example_inputs):
+        # AOTAutograd then passes the inputs as one list, which the call empties to free them early. An instance
+        # attribute, since dynamo's wrappers copy `__dict__`.
+        self._boxed_call = True
+        self.device = _device_of(example_inputs)
+        self.session = create_session(path, self.device)
+        self.input_names = [value.name for value in self.session.get_inputs()]
+        self.output_names = [value.name for value in self.session.get_outputs()]
+        self.bool_outputs = [value.type == "tensor(bool)" for value in self.session.get_outputs()]
+        fx_outputs = next(node for node in gm.graph.nodes if node.op == "output").args[0]
+        # Backward graphs return None for inputs without a gradient; the ONNX graph leaves them out.
+        self.missing_outputs = [output is None for output in fx_outputs]
+        if len(self.input_names) != len(example_inputs) or len(self.output_names) != self.missing_outputs.count(False):
+            raise RuntimeError(
+                f"The ONNX graph {path} has {len(self.input_names)} inputs and {len(self.output_names)} outputs; "
+                f"its FX graph has {len(example_inputs)} and {self.missing_outputs.count(False)}. "
+                f"To fix: delete {path} and run again."
+            )
+
+    def __call__(self, args: list):
+        binding = self.session.io_binding()
+        device_type, device_id = self.device.type, self.device.index or 0
+        inputs = [value.contiguous() for value in args]  # kept alive until the run ends
+        args.clear()
+        for name, value in zip(self.input_names, inputs):
+            binding.bind_input(
+                name, value.device.type, value.device.index or 0, _NUMPY_DTYPES[value.dtype], tuple(value.shape),
+                value.data_ptr(),
+            )
+        for name in self.output_names:
+            binding.bind_output(name, device_type, device_id)  # ONNX Runtime allocates each output
+        self.session.run_with_iobinding(binding)
+        stats.session_runs += 1
+        outputs = iter(map(_to_torch, binding.get_outputs(), self.bool_outputs))
+        return [None if missing else next(outputs) for missing in self.missing_outputs]
+
+
+def compile_graph(gm: torch.fx.GraphModule, example_inputs) -> ONNXRuntimeGraph:
+    """AOTAutograd's compiler for forward and backward graphs: export (or reuse from the cache), then a session."""
+    if any(not torch.is_tensor(value) for value in example_inputs):
+        raise ValueError(
+            f"The `{BACKEND_NAME}` backend compiles static shapes, but this graph takes symbolic sizes. "
+            "To fix: pass `dynamic=False` to `torch.compile`."
+        )
+    unsupported = {str(value.dtype) for value in example_inputs if value.dtype not in _NUMPY_DTYPES}
+    if unsupported:
+        raise TypeError(
+            f"The `{BACKEND_NAME}` backend cannot pass {', '.join(sorted(unsupported))} tensors to ONNX Runtime. "
+            "To fix: train in float32 or float16."
+        )
+    path = graph_cache_dir() / f"{_graph_key(gm, example_inputs)}.onnx"
+    if path.exists():
+        stats.graphs_from_cache += 1
+        logger.info("Graph %d read from the cache: %s", stats.graphs_built, path.name)
+    else:
+        _export(gm, example_inputs, path)
+    return ONNXRuntimeGraph(path, gm, example_inputs)
+
+
+def _copy_with_broadcast(destination, source, non_blocking=False):
+    # The exporter translates `aten.copy` as a cast of `source`, without broadcasting it to `destination`'s shape:
+    # a scalar written into a column (`shifted[:, 0] = decoder_start_token_id` in BART and T5) lost its shape.
+    return source.to(dtype=destination.dtype, device=destination.device).expand(destination.shape).clone()
+
+
+def _aot_autograd_backend():
+    from torch._decomp import core_aten_decompositions
+    from torch._dynamo.backends.common import aot_autograd
+
+    decompositions = {**core_aten_decompositions(), torch.ops.aten.copy.default: _copy_with_broadcast}
+    return aot_autograd(fw_compiler=compile_graph, bw_compiler=compile_graph, decompositions=decompositions)
+
+
+_aot_backend = _aot_autograd_backend()
+
+
+def onnxruntime_backend(gm: torch.fx.GraphModule, example_inputs):
+    """The dynamo backend. Attention traces as its math (matmuls and softmax), whose backward exports; the fused
+    CPU and CUDA attention kernels' backward ops have no ONNX translation."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        return _aot_backend(gm, example_inputs)
+
+
+def _register():
+    from torch._dynamo.backends.registry import list_backends, register_backend
+
+    if BACKEND_NAME not in list_backends(exclude_tags=()):
+        register_backend(onnxruntime_backend, name=BACKEND_NAME)
+
+
+_register()
+
+
+def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` compiled for training in ONNX Runtime, static shapes. The model's own state_dict keys stay as they
+    are: the compiled wrapper is a separate module. Graph breaks are allowed: code dynamo cannot capture (such as
+    DeBERTa's data-dependent loss branch) runs in PyTorch between ONNX Runtime graphs."""
+    return torch.compile(model, backend=onnxruntime_backend, dynamic=False)
+
+
+def graph_limits(max_graphs: int):
+    """While active, a model compiled for more than `max_graphs` shapes raises, where dynamo would otherwise run it
+    in PyTorch from then on, silently."""
+    import torch._dynamo.config as dynamo_config
+
+    return dynamo_config.patch(
+        recompile_limit=max(dynamo_config.recompile_limit, max_graphs), fail_on_recompile_limit_hit=True
+    )
+
+
+def describe_failure(model: torch.nn.Module, error: BaseException) -> str:
+    """A sentence saying why the compile backend could not train `model`: the first line of the root error."""
+    # dynamo wraps the backend's error, the exporter wraps the error of the step that failed: the root says why.
+    while getattr(error, "inner_exception", None) is not None or error.__cause__ is not None:
+        error = getattr(error, "inner_exception", None) or error.__cause__
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    return f"ONNX Runtime (compile backend) could not train {type(uncompiled(model)).__name__}: {lines[0]}."
+
+
+def is_compiled(model: torch.nn.Module) -> bool:
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return isinstance(model, OptimizedModule)
+
+
+def uncompiled(model: torch.nn.Module) -> torch.nn.Module:
+    return model._orig_mod if is_compiled(model) else model

@@ -1,0 +1,185 @@
+"""The compile backend on its own and in ORTTrainer: graphs really run in ONNX Runtime, shapes stay bounded, the
+graph cache is reused, checkpoints are plain and resume exactly, failures are said in one line."""
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
+
+from ort_trainer import ORTTrainer, ORTTrainingArguments, compile_backend
+from ort_trainer.ortmodule import ORTTrainingError
+
+from .tiny_models import tiny_dataset, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def graph_cache(tmp_path, monkeypatch):
+    """A fresh graph cache for each test, so exports and cache reads are counted from zero."""
+    monkeypatch.setenv("ORT_TRAINER_CACHE", str(tmp_path / "cache"))
+    torch._dynamo.reset()
+    return tmp_path / "cache" / "compiled_graphs"
+
+
+def bert_trainer(args):
+    return ORTTrainer(model=tiny_model("bert"), args=args, train_dataset=tiny_dataset("bert"))
+
+
+def compile_args(tmp_path, **overrides):
+    values = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, learning_rate=1e-3, seed=0, report_to=[],
+        use_cpu=True, disable_tqdm=True, ort_fallback="error", save_strategy="no", ort_backend="compile",
+    )
+    values.update(overrides)
+    return ORTTrainingArguments(**values)
+
+
+def test_torch_compile_with_the_registered_backend_name_matches_eager():
+    data = tiny_dataset("bert")
+    batch = {key: torch.stack([row[key] for row in data[:8]]) for key in data[0]}
+    eager, compiled_model = tiny_model("bert"), tiny_model("bert")
+    compiled = torch.compile(compiled_model, backend="onnxruntime", dynamic=False)
+    runs = compile_backend.stats.session_runs
+    eager(**batch).loss.backward()
+    loss = compiled(**batch).loss
+    loss.backward()
+    assert compile_backend.stats.session_runs - runs == 2  # forward and backward, both in ONNX Runtime
+    assert loss.item() == pytest.approx(eager(**batch).loss.item(), abs=1e-6)
+    for (name, parameter), reference in zip(compiled_model.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(parameter.grad, reference.grad, atol=1e-6, rtol=0, msg=name)
+
+
+def test_second_run_reads_every_graph_from_the_cache(tmp_path, graph_cache, caplog):
+    first = bert_trainer(compile_args(tmp_path, max_steps=2))
+    metrics = first.train().metrics
+    assert metrics["ort_graphs"] >= 2 and metrics["ort_export_seconds"] > 0
+    exported = compile_backend.stats.graphs_exported
+    assert {path.suffix for path in graph_cache.iterdir()} == {".onnx"}  # no temporary file left behind
+
+    torch._dynamo.reset()  # as in a new process: dynamo traces again, the export is what the cache saves
+    second = bert_trainer(compile_args(tmp_path, max_steps=2))
+    with caplog.at_level("INFO", logger="ort_trainer"):
+        metrics = second.train().metrics
+    assert compile_backend.stats.graphs_exported == exported
+    assert metrics["ort_export_seconds"] == 0
+    assert "(0 exported in 0.0 s, " in caplog.text
+    assert "Training backend: ONNX Runtime (compile backend, CPUExecutionProvider, fp32) on cpu: " in caplog.text
+
+
+def padded_to(rows, width, seed=0):
+    """The rows cut to random real lengths and padded back to `width`, as a collator padding to max length does."""
+    generator = torch.Generator().manual_seed(seed)
+    padded = []
+    for row in rows:
+        length = int(torch.randint(3, width + 1, (1,), generator=generator))
+        ids = torch.nn.functional.pad(row["input_ids"][:length], (0, width - length), value=0)
+        mask = (torch.arange(width) < length).long()
+        padded.append({"input_ids": ids, "attention_mask": mask, "labels": row["labels"]})
+    return padded
+
+
+def test_trimmed_lengths_share_a_few_graphs_and_train_like_pytorch(tmp_path):
+    rows = [dict(row, input_ids=torch.cat([row["input_ids"]] * 4)) for row in tiny_dataset("bert", size=48)]
+    data = padded_to(rows, width=48)
+    common = dict(max_steps=6, per_device_train_batch_size=8, learning_rate=1e-3, seed=0, report_to=[], use_cpu=True,
+                  save_strategy="no", logging_steps=1, disable_tqdm=True)
+    reference = Trainer(model=tiny_model("bert"), args=TrainingArguments(output_dir=str(tmp_path / "torch"), **common),
+                        train_dataset=data)
+    reference.train()
+    ort = ORTTrainer(model=tiny_model("bert"), args=compile_args(tmp_path, **common), train_dataset=data)
+    graphs = ort.train().metrics["ort_graphs"]
+    # Real lengths 3..48 round up to 32 or 64 columns: at most two shapes, a forward and a backward graph each,
+    # and one more trace of the first shape after BERT sets `config.problem_type` (read from the cache).
+    assert graphs <= 6
+    losses = [entry["loss"] for entry in ort.state.log_history if "loss" in entry]
+    reference_losses = [entry["loss"] for entry in reference.state.log_history if "loss" in entry]
+    assert losses == pytest.approx(reference_losses, abs=1e-4)
+
+
+def test_checkpoints_are_plain_and_resume_matches_an_uninterrupted_run(tmp_path):
+    full = bert_trainer(compile_args(tmp_path / "full", max_steps=6))
+    full.train()
+    args = compile_args(tmp_path / "resumed", max_steps=6, save_strategy="steps", save_steps=3)
+    interrupted = bert_trainer(args)
+    interrupted.train()
+    checkpoint = tmp_path / "resumed" / "out" / "checkpoint-3"
+    reloaded = AutoModelForSequenceClassification.from_pretrained(checkpoint)
+    assert set(reloaded.state_dict()) == set(tiny_model("bert").state_dict())  # no `_orig_mod.` prefix
+
+    runs = compile_backend.stats.session_runs
+    resumed = bert_trainer(args)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert compile_backend.stats.session_runs - runs == 2 * 3  # steps 4 to 6, in ONNX Runtime
+    final = full.model.state_dict()
+    for key, value in resumed.model.state_dict().items():
+        torch.testing.assert_close(value, final[key], atol=1e-5, rtol=0, msg=key)
+
+
+def test_loss_inside_the_graph_matches_pytorch(tmp_path):
+    common = dict(max_steps=3, label_smoothing_factor=0.1)
+    reference = Trainer(
+        model=tiny_model("bert"),
+        args=TrainingArguments(output_dir=str(tmp_path / "torch"), per_device_train_batch_size=8, learning_rate=1e-3,
+                               seed=0, report_to=[], use_cpu=True, save_strategy="no", **common),
+        train_dataset=tiny_dataset("bert"),
+    )
+    reference.train()
+    runs = compile_backend.stats.session_runs
+    ort = ORTTrainer(model=tiny_model("bert"), args=compile_args(tmp_path, use_module_with_loss=True, **common),
+                     train_dataset=tiny_dataset("bert"))
+    ort.train()
+    compiled = ort.accelerator.unwrap_model(ort.model_wrapped)
+    assert type(compile_backend.uncompiled(compiled)).__name__ == "_ModelWithLoss"
+    assert compile_backend.stats.session_runs - runs >= 2 * 3
+    for key, value in ort.model.state_dict().items():
+        torch.testing.assert_close(value, reference.model.state_dict()[key], atol=1e-4, rtol=0, msg=key)
+
+
+class CumulativeMaxClassifier(torch.nn.Module):
+    """Uses `cummax`, which the ONNX exporter has no translation for."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(96, 8)
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        logits = self.head(self.embedding(input_ids).cummax(1).values[:, -1])
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+def test_model_the_exporter_cannot_translate_fails_in_one_line(tmp_path):
+    args = compile_args(tmp_path, max_steps=2)
+    trainer = ORTTrainer(model=CumulativeMaxClassifier(), args=args, train_dataset=tiny_dataset("bert"))
+    with pytest.raises(ORTTrainingError) as raised:
+        trainer.train()
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith(
+        "ONNX Runtime (compile backend) could not train CumulativeMaxClassifier: No ONNX function found for "
+        "<OpOverload(op='aten.cummax', overload='default')>."
+    )
+    assert message.endswith(
+        "To fix: pass `--ort_fallback pytorch` to train in PyTorch when ORT cannot, or `--use_ort False`."
+    )
+
+
+def test_model_the_exporter_cannot_translate_falls_back_to_pytorch(tmp_path, caplog):
+    args = compile_args(tmp_path, max_steps=2, ort_fallback="pytorch")
+    trainer = ORTTrainer(model=CumulativeMaxClassifier(), args=args, train_dataset=tiny_dataset("bert"))
+    with caplog.at_level("WARNING", logger="ort_trainer"):
+        trainer.train()
+    assert trainer.state.global_step == 2
+    assert "could not train CumulativeMaxClassifier: No ONNX function found" in caplog.text
+    assert "Training backend: PyTorch on cpu, not ONNX Runtime." in caplog.text
+
+
+def test_auto_backend_keeps_ortmodule_where_onnxruntime_training_is_installed(tmp_path):
+    from ort_trainer.import_utils import is_onnxruntime_training_available
+
+    backend, reason = compile_args(tmp_path, ort_backend="auto").training_backend()
+    assert backend == ("ortmodule" if is_onnxruntime_training_available() else "compile")
+    assert reason.startswith("`--ort_backend auto` with onnxruntime")
+
+
+def test_unknown_backend_is_refused_in_one_line(tmp_path):
+    with pytest.raises(ValueError, match=r"^`--ort_backend` must be one of auto, ortmodule, compile, got `dort`\.$"):
+        compile_args(tmp_path, ort_backend="dort")
