@@ -18,6 +18,7 @@ from transformers import BertConfig, BertForSequenceClassification, Trainer, Tra
 
 from ort_trainer import ORTTrainer, ORTTrainingArguments
 
+
 SIZES = {
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
@@ -28,11 +29,21 @@ def make_rows(count, real_tokens, length=128, seed=0):
     generator = torch.Generator().manual_seed(seed)
     rows = []
     for _ in range(count):
-        real = int(torch.randint(real_tokens - 6, real_tokens + 7, (1,), generator=generator)) if real_tokens < length else length
+        real = (
+            int(torch.randint(real_tokens - 6, real_tokens + 7, (1,), generator=generator))
+            if real_tokens < length
+            else length
+        )
         ids = torch.zeros(length, dtype=torch.long)
         ids[:real] = torch.randint(5, 30000, (real,), generator=generator)
-        rows.append({"input_ids": ids, "attention_mask": (ids != 0).long(), "token_type_ids": torch.zeros_like(ids),
-                     "labels": torch.tensor(int(ids[1]) % 2)})
+        rows.append(
+            {
+                "input_ids": ids,
+                "attention_mask": (ids != 0).long(),
+                "token_type_ids": torch.zeros_like(ids),
+                "labels": torch.tensor(int(ids[1]) % 2),
+            }
+        )
     return rows
 
 
@@ -62,8 +73,17 @@ def model_for(size):
 
 
 def train(backend, size, rows, steps, trim=True):
-    common = dict(output_dir="/tmp/cpu_core_bench", per_device_train_batch_size=16, max_steps=steps, report_to=[],
-                  save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0, learning_rate=1e-5)
+    common = dict(
+        output_dir="/tmp/cpu_core_bench",
+        per_device_train_batch_size=16,
+        max_steps=steps,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        learning_rate=1e-5,
+    )
     if backend == "pytorch":
         base, args = Trainer, TrainingArguments(**common)
     else:
@@ -75,21 +95,36 @@ def train(backend, size, rows, steps, trim=True):
     trainer.train()
     later = sorted(timer.times[1:])
     median = later[len(later) // 2]
-    return {"first_step_s": timer.times[0], "step_s": median, "samples_per_s": 16 / median,
-            "first_step_overhead_s": timer.times[0] - median, "losses": trainer.recorded}
+    return {
+        "first_step_s": timer.times[0],
+        "step_s": median,
+        "samples_per_s": 16 / median,
+        "first_step_overhead_s": timer.times[0] - median,
+        "losses": trainer.recorded,
+    }
 
 
 def evaluate(backend, size, rows, trim=True):
-    args = ORTTrainingArguments(output_dir=f"/tmp/cpu_core_bench_eval_{backend}", per_device_eval_batch_size=32,
-                                report_to=[], use_cpu=True, disable_tqdm=True, use_ort=False,
-                                inference_with_ort=backend == "ort", trim_padding=trim)
+    args = ORTTrainingArguments(
+        output_dir=f"/tmp/cpu_core_bench_eval_{backend}",
+        per_device_eval_batch_size=32,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        use_ort=False,
+        inference_with_ort=backend == "ort",
+        trim_padding=trim,
+    )
     trainer = ORTTrainer(model=model_for(size), args=args)
     trainer.predict(rows[:32])  # warm-up: export and session creation for ORT
     start = time.perf_counter()
     prediction = trainer.predict(rows)
     elapsed = time.perf_counter() - start
-    return {"samples_per_s": len(rows) / elapsed, "labels": prediction.predictions.argmax(-1).tolist(),
-            "logits": prediction.predictions}
+    return {
+        "samples_per_s": len(rows) / elapsed,
+        "labels": prediction.predictions.argmax(-1).tolist(),
+        "logits": prediction.predictions,
+    }
 
 
 def main():
@@ -110,11 +145,16 @@ def main():
             "ort_no_trim": train("ort", args.size, rows, args.steps, trim=False),
         }
         print(f"\nTraining, BERT-{args.size}, batch 16, ~20 real tokens padded to 128, {args.steps} steps")
-        print(f"{'run':<12} {'step (s)':>9} {'samples/s':>10} {'vs PyTorch':>10} {'first step (s)':>15} {'max |loss diff|':>16}")
+        print(
+            f"{'run':<12} {'step (s)':>9} {'samples/s':>10} {'vs PyTorch':>10} {'first step (s)':>15} "
+            f"{'max |loss diff|':>16}"
+        )
         for name, run in runs.items():
             diff = max(abs(a - b) for a, b in zip(run["losses"], runs["pytorch"]["losses"]))
-            print(f"{name:<12} {run['step_s']:>9.3f} {run['samples_per_s']:>10.2f} "
-                  f"{runs['pytorch']['step_s'] / run['step_s']:>9.2f}x {run['first_step_s']:>15.2f} {diff:>16.2e}")
+            print(
+                f"{name:<12} {run['step_s']:>9.3f} {run['samples_per_s']:>10.2f} "
+                f"{runs['pytorch']['step_s'] / run['step_s']:>9.2f}x {run['first_step_s']:>15.2f} {diff:>16.2e}"
+            )
         report["training"] = runs
 
     rows = make_rows(32 * args.eval_batches, real_tokens=20, seed=1)
@@ -126,15 +166,21 @@ def main():
         "ort_dense": evaluate("ort", args.size, dense, trim=False),
     }
     print(f"\nEvaluation, BERT-{args.size}, batch 32, {len(rows)} samples")
-    for kind, label in (("padded", "~20 real tokens padded to 128 (run_glue default)"), ("dense", "128 real tokens (same tokens)")):
+    for kind, label in (
+        ("padded", "~20 real tokens padded to 128 (run_glue default)"),
+        ("dense", "128 real tokens (same tokens)"),
+    ):
         torch_run, ort_run = evals[f"pytorch_{kind}"], evals[f"ort_{kind}"]
         same = sum(a == b for a, b in zip(torch_run["labels"], ort_run["labels"])) / len(rows)
         logit_diff = float(abs(torch_run["logits"] - ort_run["logits"]).max())
-        print(f"{label}: PyTorch {torch_run['samples_per_s']:.1f}/s, ORT {ort_run['samples_per_s']:.1f}/s, "
-              f"{ort_run['samples_per_s'] / torch_run['samples_per_s']:.2f}x, labels agree {same:.1%}, max |logit diff| {logit_diff:.1e}")
+        print(
+            f"{label}: PyTorch {torch_run['samples_per_s']:.1f}/s, ORT {ort_run['samples_per_s']:.1f}/s, "
+            f"{ort_run['samples_per_s'] / torch_run['samples_per_s']:.2f}x, labels agree {same:.1%}, max |logit diff| "
+            f"{logit_diff:.1e}"
+        )
     report["evaluation"] = {name: {"samples_per_s": run["samples_per_s"]} for name, run in evals.items()}
     with open("/tmp/cpu_core_bench.json", "w") as file:
-        json.dump({k: v for k, v in report.items()}, file, indent=1, default=float)
+        json.dump(report, file, indent=1, default=float)
 
 
 if __name__ == "__main__":

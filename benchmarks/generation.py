@@ -18,13 +18,15 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSeq2SeqLM, T5Config
 
-from ort_trainer.inference.seq2seq import Seq2SeqLM
 from ort_trainer.benchmark import ARCHITECTURES, T5_SETTINGS
+from ort_trainer.inference.seq2seq import Seq2SeqLM
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=[name for name in ARCHITECTURES if name.startswith("t5")], default="t5-small")
+    parser.add_argument(
+        "--model", choices=[name for name in ARCHITECTURES if name.startswith("t5")], default="t5-small"
+    )
     parser.add_argument("--vocab_size", type=int, default=32128, help="T5's vocabulary: the LM head's width.")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--source_length", type=int, default=32)
@@ -63,8 +65,11 @@ def paired_timings(pytorch, ort, repeats: int):
 def main():
     args = parse_args()
     torch.manual_seed(0)
-    config = T5Config(**{key: value for key, value in ARCHITECTURES[args.model].items() if key != "model_type"},
-                      **T5_SETTINGS, vocab_size=args.vocab_size)
+    config = T5Config(
+        **{key: value for key, value in ARCHITECTURES[args.model].items() if key != "model_type"},
+        **T5_SETTINGS,
+        vocab_size=args.vocab_size,
+    )
     device = torch.device(args.device)
     model = AutoModelForSeq2SeqLM.from_config(config).to(device).eval()
     if args.fp16:
@@ -77,9 +82,11 @@ def main():
         sample = {"input_ids": input_ids, "attention_mask": attention_mask}
         onnx_model = Seq2SeqLM.load(model, sample, Path(directory), args.fp16)
         export_seconds = time.perf_counter() - start
-        print(f"{args.model}, batch {args.batch_size}, source {args.source_length} tokens, {args.new_tokens} new "
-              f"tokens, {device}, {'fp16' if args.fp16 else 'fp32'}; export and sessions: {export_seconds:.1f} s "
-              f"({onnx_model.provider})\n")
+        print(
+            f"{args.model}, batch {args.batch_size}, source {args.source_length} tokens, {args.new_tokens} new "
+            f"tokens, {device}, {'fp16' if args.fp16 else 'fp32'}; export and sessions: {export_seconds:.1f} s "
+            f"({onnx_model.provider})\n"
+        )
         print("| Search | PyTorch (sentences/s) | ONNX Runtime (sentences/s) | Speed-up | Same tokens |")
         print("|---|---|---|---|---|")
         for num_beams in args.num_beams:
@@ -96,8 +103,10 @@ def main():
             pytorch_seconds, ort_seconds, speed_up, expected, generated = paired_timings(pytorch, ort, args.repeats)
             search = "greedy" if num_beams == 1 else f"beam {num_beams}"
             same = torch.equal(expected, generated)
-            print(f"| {search} | {args.batch_size / pytorch_seconds:.1f} | {args.batch_size / ort_seconds:.1f} | "
-                  f"{speed_up:.2f}x | {same} |")
+            print(
+                f"| {search} | {args.batch_size / pytorch_seconds:.1f} | {args.batch_size / ort_seconds:.1f} | "
+                f"{speed_up:.2f}x | {same} |"
+            )
 
 
 if __name__ == "__main__":

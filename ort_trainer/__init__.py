@@ -3,6 +3,7 @@
 from .trainer import ORTSeq2SeqTrainer, ORTTrainer, Seq2SeqORTTrainer
 from .training_args import ORTSeq2SeqTrainingArguments, ORTTrainingArguments
 
+
 __version__ = "0.1.0"
 
 __all__ = [

@@ -27,6 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SCRIPTS = {
     "text-classification": EXAMPLES / "text-classification" / "run_glue.py",
@@ -38,10 +39,18 @@ TRANSLATION_DATA = EXAMPLES / "translation" / "data" / "en-toy"
 # The published sizes; dropout off so that both backends compute the same losses.
 ARCHITECTURES = {
     "tiny": dict(model_type="bert", hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
-    "bert-base": dict(model_type="bert", hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-    "bert-large-cased": dict(model_type="bert", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
-    "roberta-base": dict(model_type="roberta", hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-    "roberta-large": dict(model_type="roberta", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    "bert-base": dict(
+        model_type="bert", hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072
+    ),
+    "bert-large-cased": dict(
+        model_type="bert", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096
+    ),
+    "roberta-base": dict(
+        model_type="roberta", hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072
+    ),
+    "roberta-large": dict(
+        model_type="roberta", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096
+    ),
     "t5-tiny": dict(model_type="t5", d_model=64, d_ff=128, d_kv=32, num_layers=2, num_heads=2),
     "t5-small": dict(model_type="t5", d_model=512, d_ff=2048, d_kv=64, num_layers=6, num_heads=8),
     "t5-large": dict(model_type="t5", d_model=1024, d_ff=4096, d_kv=64, num_layers=24, num_heads=16),
@@ -56,8 +65,15 @@ ROWS = {
     "inductor": ("torch.compile", ["--use_ort", "False", "--torch_compile", "True"], False),
     "int8": (
         "ONNX Runtime int8",
-        ["--use_ort", "False", "--inference_with_ort", "--ort_quantization", "dynamic_int8", "--ort_quantization_check",
-         "False"],
+        [
+            "--use_ort",
+            "False",
+            "--inference_with_ort",
+            "--ort_quantization",
+            "dynamic_int8",
+            "--ort_quantization_check",
+            "False",
+        ],
         False,
     ),
 }
@@ -87,18 +103,25 @@ def parse_args(argv=None):
     parser.add_argument("--max_steps", type=int, default=10)
     parser.add_argument("--fp16", action="store_true")
     parser.add_argument(
-        "--repeats", type=int, default=1,
+        "--repeats",
+        type=int,
+        default=1,
         help="Run each backend this many times, in turns, and report each one's median run by train samples/s "
         "(for noisy machines).",
     )
     parser.add_argument(
-        "--rows", nargs="+", choices=list(ROWS), default=["plain", "pytorch", "ort"],
+        "--rows",
+        nargs="+",
+        choices=list(ROWS),
+        default=["plain", "pytorch", "ort"],
         help="What to run: " + ", ".join(f"{key} ({label})" for key, (label, _, _) in ROWS.items()) + ".",
     )
     parser.add_argument(
-        "--peak_tflops", type=float,
+        "--peak_tflops",
+        type=float,
         help="The device's dense fp16 peak, for the share of it each row reaches (known: "
-        + ", ".join(f"{name} {peak}" for name, peak in PEAK_TFLOPS.items()) + ").",
+        + ", ".join(f"{name} {peak}" for name, peak in PEAK_TFLOPS.items())
+        + ").",
     )
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--script_args", default="", help="More arguments for the example script, as one string.")
@@ -111,10 +134,23 @@ def data_arguments(task: str, folder: Path, args) -> list:
     arguments that point at the files."""
     if task == "translation":
         return [
-            "--train_file", TRANSLATION_DATA / "train.json", "--validation_file", TRANSLATION_DATA / "validation.json",
-            "--max_train_samples", args.train_samples, "--max_eval_samples", args.eval_samples,
-            "--source_lang", "en", "--target_lang", "toy", "--predict_with_generate",
-            "--max_source_length", args.seq_length, "--max_target_length", args.seq_length,
+            "--train_file",
+            TRANSLATION_DATA / "train.json",
+            "--validation_file",
+            TRANSLATION_DATA / "validation.json",
+            "--max_train_samples",
+            args.train_samples,
+            "--max_eval_samples",
+            args.eval_samples,
+            "--source_lang",
+            "en",
+            "--target_lang",
+            "toy",
+            "--predict_with_generate",
+            "--max_source_length",
+            args.seq_length,
+            "--max_target_length",
+            args.seq_length,
         ]
     rng = random.Random(0)
     vocabulary = [f"w{index}" for index in range(500)]
@@ -126,7 +162,9 @@ def data_arguments(task: str, folder: Path, args) -> list:
             if task == "text-classification":
                 rows.append({"sentence": " ".join(words), "label": int(words[0][1:]) % 2})
             else:
-                rows.append({"tokens": words, "ner_tags": ["B-X" if int(word[1:]) % 5 == 0 else "O" for word in words]})
+                rows.append(
+                    {"tokens": words, "ner_tags": ["B-X" if int(word[1:]) % 5 == 0 else "O" for word in words]}
+                )
         with open(folder / f"{split}.json", "w") as file:
             file.writelines(json.dumps(row) + "\n" for row in rows)
     return ["--train_file", folder / "train.json", "--validation_file", folder / "validation.json"]
@@ -139,8 +177,13 @@ def model_arguments(args, folder: Path) -> list:
     if config["model_type"] == "t5":
         config = dict(config, **T5_SETTINGS)
     else:
-        config = dict(config, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                      max_position_embeddings=max(512, args.seq_length + 2), vocab_size=1000)
+        config = dict(
+            config,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            max_position_embeddings=max(512, args.seq_length + 2),
+            vocab_size=1000,
+        )
     path = folder / "config.json"
     path.write_text(json.dumps(config))
     return ["--config_name", path, "--train_tokenizer"]
@@ -153,7 +196,9 @@ def run_backend(script: Path, arguments: list, output_dir: Path, plain_trainer: 
     command = [sys.executable, *launcher, str(script), *map(str, arguments), "--output_dir", str(output_dir)]
     log_path = output_dir.with_suffix(".log")
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
         _, status, usage = os.wait4(process.pid, 0)
     log_text = log_path.read_text()
     if os.waitstatus_to_exitcode(status) != 0:
@@ -161,8 +206,11 @@ def run_backend(script: Path, arguments: list, output_dir: Path, plain_trainer: 
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
     results = json.loads((output_dir / "all_results.json").read_text())
     return {
-        "training_backend": "PyTorch, transformers.Trainer" if plain_trainer else _logged(r"Training backend: ([^\n]*?)\.(?:\s|$)", log_text),
-        "evaluation_backend": _logged(r"Evaluation (?:and generation )?backend: (ONNX Runtime on \w+)", log_text) or "PyTorch",
+        "training_backend": "PyTorch, transformers.Trainer"
+        if plain_trainer
+        else _logged(r"Training backend: ([^\n]*?)\.(?:\s|$)", log_text),
+        "evaluation_backend": _logged(r"Evaluation (?:and generation )?backend: (ONNX Runtime on \w+)", log_text)
+        or "PyTorch",
         "results": results,
         "losses": [entry["loss"] for entry in history if "loss" in entry],
         # In the train metrics of the ORT trainers only.
@@ -209,7 +257,9 @@ def count_parameters(task: str, config_source) -> int:
     }[task]
     with torch.device("meta"):
         model = auto_class.from_config(transformers.AutoConfig.from_pretrained(config_source))
-    embeddings = {id(p) for module in model.modules() if isinstance(module, torch.nn.Embedding) for p in module.parameters()}
+    embeddings = {
+        id(p) for module in model.modules() if isinstance(module, torch.nn.Embedding) for p in module.parameters()
+    }
     return sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
 
 
@@ -217,8 +267,11 @@ def tflops(run: dict, parameters: int) -> dict:
     """Achieved TFLOP/s: 6 x parameters x computed tokens for a training step, 2 x for evaluation."""
     results = run["results"]
     return {
-        split: factor * parameters * results[f"{split}_computed_tokens_per_sample"]
-        * run[f"{split}_steady_samples_per_second"] / 1e12
+        split: factor
+        * parameters
+        * results[f"{split}_computed_tokens_per_sample"]
+        * run[f"{split}_steady_samples_per_second"]
+        / 1e12
         for split, factor in (("train", 6), ("eval", 2))
         if f"{split}_computed_tokens_per_sample" in results
     }
@@ -235,7 +288,8 @@ def _figure(value, digits: int = 2) -> str:
 def markdown(report: dict) -> str:
     name, peak = report["model"], report["peak_tflops"]
     lines = [
-        "| Model | Row (trained with) | Train samples/s | Tokens/sample real, computed | Train TFLOP/s | First step(s) "
+        "| Model | Row (trained with) | Train samples/s | Tokens/sample real, computed | Train TFLOP/s | First "
+        "step(s) "
         "| Eval backend | Eval samples/s | Eval tokens/sample computed | Eval TFLOP/s | Peak memory(MB) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -253,11 +307,16 @@ def markdown(report: dict) -> str:
             f"{_figure(results.get('train_real_tokens_per_sample'), 1)}, "
             f"{_figure(results.get('train_computed_tokens_per_sample'), 1)} | {rate('train')} | "
             f"{_figure(run['first_step_seconds'])} | {run['evaluation_backend']} | "
-            f"{run['eval_steady_samples_per_second']:.2f} | {_figure(results.get('eval_computed_tokens_per_sample'), 1)} "
+            f"{run['eval_steady_samples_per_second']:.2f} | "
+            f"{_figure(results.get('eval_computed_tokens_per_sample'), 1)} "
             f"| {rate('eval')} | {run['peak_memory_mb']:.0f} |"
         )
     if report["ratios"]:
-        lines += ["", "| Model | Comparison | Train samples/s | Eval samples/s | Max loss difference |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| Model | Comparison | Train samples/s | Eval samples/s | Max loss difference |",
+            "|---|---|---|---|---|",
+        ]
         lines += [
             f"| {name} | {comparison} | {figures['train']:.2f}x | {figures['eval']:.2f}x | "
             f"{figures['max_loss_difference']:.1e} |"
@@ -283,7 +342,9 @@ def plot(report: dict, path: Path):
         axis.bar_label(bars, fmt="%.1f")
         axis.set_title(title)
         axis.tick_params(axis="x", labelrotation=20)
-    figure.suptitle(f"{report['model']}, {report['task']}, batch {report['batch_size']}, length {report['seq_length']}")
+    figure.suptitle(
+        f"{report['model']}, {report['task']}, batch {report['batch_size']}, length {report['seq_length']}"
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=100)
 
@@ -291,9 +352,10 @@ def plot(report: dict, path: Path):
 def _median_run(runs: list) -> dict:
     """The run with the median train samples/s, holding every run's figure too."""
     ranked = sorted(runs, key=lambda run: run["train_steady_samples_per_second"])
-    return dict(ranked[(len(ranked) - 1) // 2], train_samples_per_second_of_each_run=[
-        run["train_steady_samples_per_second"] for run in runs
-    ])
+    return dict(
+        ranked[(len(ranked) - 1) // 2],
+        train_samples_per_second_of_each_run=[run["train_steady_samples_per_second"] for run in runs],
+    )
 
 
 def _folder(label: str) -> str:
@@ -336,14 +398,33 @@ def main(argv=None):
     output_dir = Path(args.output_dir)
     script = SCRIPTS[args.task]
     if not script.is_file():
-        sys.exit(f"benchmark: error: {script} not found: run the benchmark from a checkout of the ort_trainer repository.")
+        sys.exit(
+            f"benchmark: error: {script} not found: run the benchmark from a checkout of the ort_trainer repository."
+        )
     output_dir.mkdir(parents=True, exist_ok=True)
     arguments = [
-        *model_arguments(args, output_dir), *data_arguments(args.task, output_dir / "data", args),
-        "--do_train", "--do_eval", "--max_steps", args.max_steps,
-        "--per_device_train_batch_size", args.batch_size, "--per_device_eval_batch_size", args.eval_batch_size,
-        "--logging_steps", 1, "--save_strategy", "no", "--report_to", "none", "--seed", 0, "--overwrite_output_dir",
-        "--ort_fallback", "pytorch", *(["--fp16"] if args.fp16 else []),
+        *model_arguments(args, output_dir),
+        *data_arguments(args.task, output_dir / "data", args),
+        "--do_train",
+        "--do_eval",
+        "--max_steps",
+        args.max_steps,
+        "--per_device_train_batch_size",
+        args.batch_size,
+        "--per_device_eval_batch_size",
+        args.eval_batch_size,
+        "--logging_steps",
+        1,
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--seed",
+        0,
+        "--overwrite_output_dir",
+        "--ort_fallback",
+        "pytorch",
+        *(["--fp16"] if args.fp16 else []),
     ]
     if args.task != "translation":
         arguments += ["--max_seq_length", args.seq_length]
@@ -366,9 +447,16 @@ def main(argv=None):
         for run in runs.values():
             run["tflops"] = {}
     report = {
-        "model": args.model_name_or_path or args.model, "task": args.task, "batch_size": args.batch_size,
-        "seq_length": args.seq_length, "real_tokens": args.real_tokens, "fp16": args.fp16, "parameters": parameters,
-        "peak_tflops": _device_peak(args), "runs": runs, "ratios": comparisons(runs),
+        "model": args.model_name_or_path or args.model,
+        "task": args.task,
+        "batch_size": args.batch_size,
+        "seq_length": args.seq_length,
+        "real_tokens": args.real_tokens,
+        "fp16": args.fp16,
+        "parameters": parameters,
+        "peak_tflops": _device_peak(args),
+        "runs": runs,
+        "ratios": comparisons(runs),
     }
     (output_dir / "benchmark.json").write_text(json.dumps(report, indent=1))
     (output_dir / "benchmark.md").write_text(markdown(report))

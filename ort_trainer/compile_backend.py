@@ -30,14 +30,21 @@ import torch
 
 from .ortmodule import cache_dir
 
+
 logger = logging.getLogger(__name__)
 
 BACKEND_NAME = "onnxruntime"
 
 # Element types for I/O binding (ONNX Runtime takes numpy dtypes).
 _NUMPY_DTYPES = {
-    torch.float32: numpy.float32, torch.float16: numpy.float16, torch.float64: numpy.float64, torch.int64: numpy.int64,
-    torch.int32: numpy.int32, torch.int8: numpy.int8, torch.uint8: numpy.uint8, torch.bool: numpy.bool_,
+    torch.float32: numpy.float32,
+    torch.float16: numpy.float16,
+    torch.float64: numpy.float64,
+    torch.int64: numpy.int64,
+    torch.int32: numpy.int32,
+    torch.int8: numpy.int8,
+    torch.uint8: numpy.uint8,
+    torch.bool: numpy.bool_,
 }
 
 
@@ -189,7 +196,11 @@ class ONNXRuntimeGraph:
         args.clear()
         for name, value in zip(self.input_names, inputs):
             binding.bind_input(
-                name, value.device.type, value.device.index or 0, _NUMPY_DTYPES[value.dtype], tuple(value.shape),
+                name,
+                value.device.type,
+                value.device.index or 0,
+                _NUMPY_DTYPES[value.dtype],
+                tuple(value.shape),
                 value.data_ptr(),
             )
         for name in self.output_names:

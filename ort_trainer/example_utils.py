@@ -23,6 +23,7 @@ from .ortmodule import ORTTrainingError
 from .training_args import ORTTrainingArguments
 from .transformers_compat import get_last_checkpoint
 
+
 logger = logging.getLogger(__name__)
 
 # Errors that come from what the user asked for: reported in one line, without a traceback.
@@ -46,7 +47,9 @@ class ModelArguments:
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's own."})
     train_tokenizer: bool = field(
         default=False,
-        metadata={"help": "Build a WordPiece tokenizer from the training text (offline, for models trained from scratch)."},
+        metadata={
+            "help": "Build a WordPiece tokenizer from the training text (offline, for models trained from scratch)."
+        },
     )
     tokenizer_vocab_size: int = field(default=2000, metadata={"help": "Vocabulary size of `--train_tokenizer`."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where to keep what is downloaded from the Hub."})
@@ -73,7 +76,9 @@ class ModelArguments:
 
     def hub_kwargs(self) -> dict:
         return {
-            "cache_dir": self.cache_dir, "revision": self.model_revision, "token": self.token,
+            "cache_dir": self.cache_dir,
+            "revision": self.model_revision,
+            "token": self.token,
             "trust_remote_code": self.trust_remote_code,
         }
 
@@ -215,7 +220,9 @@ def _output_dir_argument(argv: list) -> Path | None:
 def start(data_arguments_class, training_arguments_class=ORTTrainingArguments):
     """What every script does first: parse its options (model, data, training), set up logging, find the
     checkpoint to resume from, seed. Returns the three argument objects and the checkpoint."""
-    model_args, data_args, training_args = parse_arguments(ModelArguments, data_arguments_class, training_arguments_class)
+    model_args, data_args, training_args = parse_arguments(
+        ModelArguments, data_arguments_class, training_arguments_class
+    )
     check_counts(data_args, training_args)
     setup_logging(training_args)
     checkpoint = last_checkpoint(training_args)
@@ -249,7 +256,8 @@ def check_counts(data_args, training_args) -> None:
 
 def setup_logging(training_args) -> None:
     logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
         handlers=[logging.StreamHandler(sys.stdout)],
     )
     if training_args.should_log:
@@ -263,8 +271,12 @@ def setup_logging(training_args) -> None:
     transformers_logging.enable_explicit_format()
     logger.warning(
         "Process rank: %s, device: %s, n_gpu: %s, distributed: %s, fp16: %s, bf16: %s, ORT training: %s",
-        training_args.process_index, training_args.device, training_args.n_gpu,
-        training_args.parallel_mode.value == "distributed", training_args.fp16, training_args.bf16,
+        training_args.process_index,
+        training_args.device,
+        training_args.n_gpu,
+        training_args.parallel_mode.value == "distributed",
+        training_args.fp16,
+        training_args.bf16,
         training_args.use_ort,
     )
 
@@ -289,10 +301,15 @@ def load_raw_datasets(data_args, model_args, splits=("train", "validation", "tes
     """A Hub data set (`--dataset_name`) or local csv/json files (`--train_file` ...), checked before use."""
     if getattr(data_args, "dataset_name", None):
         return datasets.load_dataset(
-            data_args.dataset_name, getattr(data_args, "dataset_config_name", None),
-            cache_dir=model_args.cache_dir, token=model_args.token, trust_remote_code=model_args.trust_remote_code,
+            data_args.dataset_name,
+            getattr(data_args, "dataset_config_name", None),
+            cache_dir=model_args.cache_dir,
+            token=model_args.token,
+            trust_remote_code=model_args.trust_remote_code,
         )
-    data_files = {split: getattr(data_args, f"{split}_file") for split in splits if getattr(data_args, f"{split}_file")}
+    data_files = {
+        split: getattr(data_args, f"{split}_file") for split in splits if getattr(data_args, f"{split}_file")
+    }
     extensions = set()
     for split, path in data_files.items():
         if not Path(path).is_file():
@@ -396,13 +413,20 @@ def train_wordpiece_tokenizer(
         roles = {"eos_token": "[SEP]", "bos_token": "[CLS]", "model_input_names": ["input_ids", "attention_mask"]}
     else:
         tokenizer.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
             special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
         )
         roles = {"model_input_names": ["input_ids", "token_type_ids", "attention_mask"]}
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", model_max_length=model_max_length, **roles,
+        tokenizer_object=tokenizer,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=model_max_length,
+        **roles,
     )
 
 
@@ -412,7 +436,9 @@ def load_model(model_class, model_args, config):
         logger.info("Training a new %s from scratch.", model_class.__name__)
         return model_class.from_config(config)
     return model_class.from_pretrained(
-        model_args.model_name_or_path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+        model_args.model_name_or_path,
+        config=config,
+        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
         **model_args.hub_kwargs(),
     )
 

@@ -8,6 +8,7 @@ import importlib.metadata
 import importlib.util
 from functools import lru_cache
 
+
 ORT_TRAINING_DISTRIBUTIONS = ("onnxruntime-training", "onnxruntime-training-cpu")
 ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", *ORT_TRAINING_DISTRIBUTIONS)
 

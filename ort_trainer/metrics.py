@@ -1,7 +1,9 @@
 """Task metrics computed locally, with the formulas of the Hub's `evaluate` metric scripts (which `evaluate.load`
-would download): GLUE's accuracy, F1, Matthews correlation, Pearson and Spearman correlations and MSE, and seqeval's scores."""
+would download): GLUE's accuracy, F1, Matthews correlation, Pearson and Spearman correlations and MSE, and
+seqeval's scores."""
 
 import numpy as np
+
 
 GLUE_TASKS = ("cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb", "wnli")
 

@@ -30,6 +30,7 @@ import torch
 
 from .import_utils import ORT_TRAINING_INSTALL_HINT, is_onnxruntime_training_available
 
+
 logger = logging.getLogger(__name__)
 
 _ORT_EXTENSIONS = "onnxruntime.training.ortmodule.torch_cpp_extensions"
@@ -85,7 +86,9 @@ def _build_aten_op_executor():
     from torch.utils import cpp_extension
 
     if not any(build_dir.glob("aten_op_executor*.so")):
-        logger.warning("Compiling ONNX Runtime's aten_op_executor extension once into %s (about a minute)...", build_dir)
+        logger.warning(
+            "Compiling ONNX Runtime's aten_op_executor extension once into %s (about a minute)...", build_dir
+        )
     try:
         # torch's loader locks the build directory, so concurrent ranks build it once and share it.
         extension = cpp_extension.load(
@@ -282,7 +285,6 @@ def _set_environment(values: dict):
             os.environ[key] = value
 
 
-
 def wrap_with_ortmodule(model: torch.nn.Module, options: ORTModuleOptions) -> torch.nn.Module:
     """Wrap `model` in an ORTModule configured by `options`."""
     ort_module_cls = load_ortmodule()
@@ -359,8 +361,14 @@ def describe_error(error: BaseException) -> str:
     while (inner := chain[-1].__cause__ or chain[-1].__context__) is not None and inner not in chain:
         chain.append(inner)
     first = _lines(error)[0].rstrip(" :.") if _lines(error) else ""
-    root = next((_lines(inner)[-1 if "Traceback (most recent call last)" in str(inner) else 0]
-                 for inner in reversed(chain) if _lines(inner)), "").rstrip(".")
+    root = next(
+        (
+            _lines(inner)[-1 if "Traceback (most recent call last)" in str(inner) else 0]
+            for inner in reversed(chain)
+            if _lines(inner)
+        ),
+        "",
+    ).rstrip(".")
     if not (first or root):
         frame = traceback.extract_tb(chain[-1].__traceback__)[-1]
         return f"{type(chain[-1]).__name__} in {Path(frame.filename).name}:{frame.name}"

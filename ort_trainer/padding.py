@@ -2,6 +2,7 @@
 
 import torch
 
+
 SEQUENCE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
@@ -20,6 +21,8 @@ def trim_padding(inputs: dict, labels_too: bool = False) -> dict:
     names = SEQUENCE_INPUTS + (("labels",) if labels_too else ())
     # Contiguous, as the untrimmed batch was: the loss code views per-token labels (`labels.view(-1)`).
     return {
-        name: value[:, :length].contiguous() if name in names and torch.is_tensor(value) and value.dim() >= 2 and value.shape[1] == width else value
+        name: value[:, :length].contiguous()
+        if name in names and torch.is_tensor(value) and value.dim() >= 2 and value.shape[1] == width
+        else value
         for name, value in inputs.items()
     }

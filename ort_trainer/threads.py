@@ -9,6 +9,7 @@ Measured on 2 CPU cores: beam search with ONNX Runtime sessions takes 8% less ti
 import ctypes
 import functools
 
+
 OMP_PAUSE_SOFT = 1
 
 

@@ -46,7 +46,9 @@ class TokenCountingMixin(Trainer):
         output.metrics.update(self._tokens_per_sample("train", "train"))
         return output
 
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
         self._token_counts.pop("eval", None)
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         output.metrics.update(self._tokens_per_sample("eval", metric_key_prefix))

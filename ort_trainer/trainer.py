@@ -35,6 +35,7 @@ from .padding import trim_padding
 from .token_counts import TokenCountingMixin
 from .training_args import ORT_FUSED_ADAM, ORTSeq2SeqTrainingArguments, ORTTrainingArguments
 
+
 logger = logging.getLogger(__name__)
 
 
@@ -111,7 +112,8 @@ def pad_to_multiple(inputs: dict, multiple: int, pad_token_id: int, max_length: 
         fill["labels"] = -100
     return {
         name: torch.nn.functional.pad(value, (0, target - width), value=fill[name])
-        if name in fill and torch.is_tensor(value) and value.dim() == 2 and value.shape[1] == width else value
+        if name in fill and torch.is_tensor(value) and value.dim() == 2 and value.shape[1] == width
+        else value
         for name, value in inputs.items()
     }
 
@@ -186,7 +188,8 @@ _LOOP_TIMINGS = ("model_preparation_time",)
 def _quantization_metrics(int8, fp32, prefix: str) -> dict:
     """The share of the int8 graph's predictions that equal the fp32 graph's, and the fp32 graph's metrics."""
     int8_logits, fp32_logits = (
-        output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions for output in (int8, fp32)
+        output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+        for output in (int8, fp32)
     )
     metrics = {f"{prefix}_int8_agreement": inference.agreement(int8_logits, fp32_logits, int8.label_ids)}
     for key, value in fp32.metrics.items():
@@ -242,7 +245,10 @@ class ORTTrainer(TokenCountingMixin, Trainer):
                 stats = self._compile_stats()
                 logger.info(
                     "Compile backend: %d graphs for this model (%d exported in %.1f s, %d read from the cache).",
-                    stats.graphs_built, stats.graphs_exported, stats.export_seconds, stats.graphs_from_cache,
+                    stats.graphs_built,
+                    stats.graphs_exported,
+                    stats.export_seconds,
+                    stats.graphs_from_cache,
                 )
                 output.metrics.update(ort_graphs=stats.graphs_built, ort_export_seconds=round(stats.export_seconds, 3))
         else:
@@ -380,7 +386,11 @@ class ORTTrainer(TokenCountingMixin, Trainer):
         config = self.model.config
         max_length = getattr(config, "max_position_embeddings", None)
         inputs = pad_to_multiple(
-            inputs, COMPILE_LENGTH_MULTIPLE, config.pad_token_id or 0, max_length, labels_too=not config.is_encoder_decoder
+            inputs,
+            COMPILE_LENGTH_MULTIPLE,
+            config.pad_token_id or 0,
+            max_length,
+            labels_too=not config.is_encoder_decoder,
         )
         labels = inputs.get("labels")
         if config.is_encoder_decoder and "decoder_input_ids" not in inputs and torch.is_tensor(labels):
@@ -424,14 +434,21 @@ class ORTTrainer(TokenCountingMixin, Trainer):
             logger.info(
                 "Training backend: ONNX Runtime (compile backend, %s, %s) on %s: %s. %d graphs built (%d exported "
                 "in %.1f s, %d read from the cache in %s).",
-                provider, "fp16" if self.args.fp16 else "fp32", device, self._backend_reason, stats.graphs_built,
-                stats.graphs_exported, stats.export_seconds, stats.graphs_from_cache,
+                provider,
+                "fp16" if self.args.fp16 else "fp32",
+                device,
+                self._backend_reason,
+                stats.graphs_built,
+                stats.graphs_exported,
+                stats.export_seconds,
+                stats.graphs_from_cache,
                 compile_backend.graph_cache_dir(),
             )
             if stats.session_runs > 2:  # one forward and one backward graph per captured region
                 logger.info(
                     "Graph breaks split the model into %d ONNX Runtime graphs; the code between them runs in PyTorch "
-                    "(TORCH_LOGS=graph_breaks says where).", stats.session_runs // 2,
+                    "(TORCH_LOGS=graph_breaks says where).",
+                    stats.session_runs // 2,
                 )
         else:
             status = ortmodule.ortmodule_status(self.accelerator.unwrap_model(model))
@@ -446,21 +463,32 @@ class ORTTrainer(TokenCountingMixin, Trainer):
             logger.warning(
                 "Evaluation backend: PyTorch on %s. `--inference_with_ort` runs sequence and token classifiers, "
                 "encoder-decoder and decoder-only language models; %s is none of these.",
-                self.args.device, type(self.model).__name__,
+                self.args.device,
+                type(self.model).__name__,
             )
             return False
         available = onnxruntime_providers()
         return inference.select_provider(self.args.device, available, self.args.ort_inference_without_cuda) is not None
 
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
         if not self._inference_in_ort():
-            return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+            return super().evaluation_loop(
+                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+            )
         start = time.perf_counter()
         self._inference_model = self._load_inference_model(dataloader)
         setup_seconds = time.perf_counter() - start
         # Quantized sessions are measured against their fp32 graph on the same data, through the same loop.
         reference = self._inference_model.reference if self.args.ort_quantization_check else None
-        loop_args = (dataloader, description, prediction_loss_only and reference is None, ignore_keys, metric_key_prefix)
+        loop_args = (
+            dataloader,
+            description,
+            prediction_loss_only and reference is None,
+            ignore_keys,
+            metric_key_prefix,
+        )
         output = self._evaluation_loop_in(self._inference_model, *loop_args)
         if reference is not None:
             fp32 = self._evaluation_loop_in(reference, *loop_args)
@@ -488,7 +516,10 @@ class ORTTrainer(TokenCountingMixin, Trainer):
         # when machines do not share the output folder (`--save_on_each_node`).
         with self.args.main_process_first(local=self.args.save_on_each_node, desc="ONNX export"):
             inference_model = inference.load_for_inference(
-                self.model, sample, directory, fp16=self.args.fp16,
+                self.model,
+                sample,
+                directory,
+                fp16=self.args.fp16,
                 quantize=self.args.ort_quantization == "dynamic_int8",
             )
         logger.info(inference_model.description())
@@ -515,7 +546,8 @@ class ORTTrainer(TokenCountingMixin, Trainer):
     def _inference_inputs(self, inputs: dict) -> dict:
         accepted = self._forward_parameters()
         model_inputs = {
-            name: value for name, value in inputs.items()
+            name: value
+            for name, value in inputs.items()
             if name in accepted and name not in self.label_names and torch.is_tensor(value)
         }
         return trim_padding(model_inputs) if self._can_trim_padding() else model_inputs
@@ -536,7 +568,8 @@ class ORTTrainer(TokenCountingMixin, Trainer):
 
 class Seq2SeqORTTrainer(ORTTrainer, Seq2SeqTrainer):
     """A `Seq2SeqTrainer` whose training runs in ONNX Runtime, as `ORTTrainer`'s does; with `inference_with_ort`,
-    `predict_with_generate` generates in ONNX Runtime sessions (encoder, cross-attention, decoder, decoder with past)."""
+    `predict_with_generate` generates in ONNX Runtime sessions (encoder, cross-attention, decoder, decoder with
+    past)."""
 
     _args_class = ORTSeq2SeqTrainingArguments
 

@@ -15,6 +15,7 @@ from .import_utils import (
     onnxruntime_providers,
 )
 
+
 ORT_FUSED_ADAM = "adamw_ort_fused"
 ORT_BACKENDS = ("auto", "ortmodule", "compile")
 ORT_LOG_LEVELS = ("VERBOSE", "DEVINFO", "INFO", "WARNING", "FATAL")
@@ -44,7 +45,10 @@ class ORTTrainingArguments(TrainingArguments):
     )
     optim: str = field(
         default="adamw_torch",
-        metadata={"help": f"The optimizer: any `transformers` name, or `{ORT_FUSED_ADAM}` (ONNX Runtime's FusedAdam, CUDA only)."},
+        metadata={
+            "help": f"The optimizer: any `transformers` name, or `{ORT_FUSED_ADAM}` (ONNX Runtime's FusedAdam, CUDA "
+            "only)."
+        },
     )
     use_module_with_loss: bool = field(
         default=False,
@@ -83,7 +87,8 @@ class ORTTrainingArguments(TrainingArguments):
     trim_padding: bool = field(
         default=True,
         metadata={
-            "help": "Before each training step and evaluation batch, in ONNX Runtime or PyTorch alike, drop the columns "
+            "help": "Before each training step and evaluation batch, in ONNX Runtime or PyTorch alike, drop the "
+            "columns "
             "that are padding in every row (trailing, masked, labels ignored), so batches padded to `max_seq_length` "
             "cost only their longest real sequence. Results stay equal. Applies to transformers models."
         },
@@ -125,7 +130,10 @@ class ORTTrainingArguments(TrainingArguments):
     )
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Train into a non-empty `output_dir` anyway (without it the example scripts refuse, to keep what is there)."},
+        metadata={
+            "help": "Train into a non-empty `output_dir` anyway (without it the example scripts refuse, to keep what "
+            "is there)."
+        },
     )
     save_onnx: bool = field(
         default=False,
@@ -133,14 +141,18 @@ class ORTTrainingArguments(TrainingArguments):
     )
     onnx_prefix: str = field(
         default="",
-        metadata={"help": "File name prefix of the graphs saved with `--save_onnx` (default: the model's class name)."},
+        metadata={
+            "help": "File name prefix of the graphs saved with `--save_onnx` (default: the model's class name)."
+        },
     )
 
     def __post_init__(self):
         if self.ort_trim_padding is not None:
             warnings.warn(
-                "`--ort_trim_padding` is deprecated and will be removed: use `--trim_padding`, which trims the batches "
-                "of PyTorch runs too.", FutureWarning,
+                "`--ort_trim_padding` is deprecated and will be removed: use `--trim_padding`, which trims the "
+                "batches "
+                "of PyTorch runs too.",
+                FutureWarning,
             )
             self.trim_padding, self.ort_trim_padding = self.ort_trim_padding, None
         use_fused_adam = self.optim == ORT_FUSED_ADAM
@@ -159,7 +171,9 @@ class ORTTrainingArguments(TrainingArguments):
                 f"`--ort_memory_optimization_level` must be 0, 1 or 2, got {self.ort_memory_optimization_level}."
             )
         if self.ort_log_level.upper() not in ORT_LOG_LEVELS:
-            raise ValueError(f"`--ort_log_level` must be one of {', '.join(ORT_LOG_LEVELS)}, got `{self.ort_log_level}`.")
+            raise ValueError(
+                f"`--ort_log_level` must be one of {', '.join(ORT_LOG_LEVELS)}, got `{self.ort_log_level}`."
+            )
         if self.ort_quantization not in ORT_QUANTIZATIONS:
             raise ValueError(
                 f"`--ort_quantization` must be one of {', '.join(ORT_QUANTIZATIONS)}, got `{self.ort_quantization}`."

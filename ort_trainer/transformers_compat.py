@@ -23,9 +23,11 @@ from transformers.modeling_outputs import SequenceClassifierOutput as SequenceCl
 from transformers.modeling_outputs import TokenClassifierOutput as TokenClassifierOutput
 from transformers.trainer_utils import get_last_checkpoint as get_last_checkpoint
 
+
 logger = logging.getLogger(__name__)
 
 TESTED_TRANSFORMERS = ">=5.20,<5.25"
+
 
 def untested_version_warning(version: str) -> str | None:
     """What to tell a user whose transformers `version` is outside the tested range, or None."""

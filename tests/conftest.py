@@ -5,10 +5,17 @@ import pytest
 
 from ort_trainer import ORTTrainingArguments
 
+
 # The keywords every test run shares; each test adds what it is about.
 CPU_RUN = dict(
-    per_device_train_batch_size=8, per_device_eval_batch_size=8, learning_rate=1e-3, seed=0, report_to=[],
-    use_cpu=True, disable_tqdm=True, save_strategy="no",
+    per_device_train_batch_size=8,
+    per_device_eval_batch_size=8,
+    learning_rate=1e-3,
+    seed=0,
+    report_to=[],
+    use_cpu=True,
+    disable_tqdm=True,
+    save_strategy="no",
 )
 
 

@@ -11,11 +11,13 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tiny_models import tiny_dataset, tiny_model  # noqa: E402
 
 from ort_trainer import ORTTrainer, ORTTrainingArguments, compile_backend  # noqa: E402
 from ort_trainer.ortmodule import ortmodule_status  # noqa: E402
-from tiny_models import tiny_dataset, tiny_model  # noqa: E402
 
 
 class DieAtStep(TrainerCallback):
@@ -33,15 +35,33 @@ def accuracy(prediction):
 
 def main(output_dir, batch_size, use_ort="1", die_at_step="0", resume=None, backend="auto"):
     args = ORTTrainingArguments(
-        use_ort=use_ort == "1", ort_backend=backend,
-        output_dir=output_dir, per_device_train_batch_size=int(batch_size), per_device_eval_batch_size=4,
-        max_steps=8, learning_rate=1e-3, seed=0, report_to=[], use_cpu=True, ort_fallback="error",
-        logging_steps=1, save_strategy="steps", save_steps=4, disable_tqdm=True, inference_with_ort=True,
+        use_ort=use_ort == "1",
+        ort_backend=backend,
+        output_dir=output_dir,
+        per_device_train_batch_size=int(batch_size),
+        per_device_eval_batch_size=4,
+        max_steps=8,
+        learning_rate=1e-3,
+        seed=0,
+        report_to=[],
+        use_cpu=True,
+        ort_fallback="error",
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=4,
+        disable_tqdm=True,
+        inference_with_ort=True,
     )
     data = tiny_dataset("bert", size=64)
     callbacks = [DieAtStep(int(die_at_step))] if int(die_at_step) else []
-    trainer = ORTTrainer(model=tiny_model("bert"), args=args, train_dataset=data, eval_dataset=data[:24],
-                         compute_metrics=accuracy, callbacks=callbacks)
+    trainer = ORTTrainer(
+        model=tiny_model("bert"),
+        args=args,
+        train_dataset=data,
+        eval_dataset=data[:24],
+        compute_metrics=accuracy,
+        callbacks=callbacks,
+    )
     trainer.train(resume_from_checkpoint=resume or None)
     metrics = trainer.evaluate()
     wrapped = trainer.model_wrapped

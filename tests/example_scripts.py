@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ort_trainer import example_utils
 
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -31,8 +32,19 @@ def load_script(script: Path):
 def common(output_dir):
     """Quiet, deterministic CPU runs that fail rather than fall back to PyTorch."""
     return [
-        "--output_dir", output_dir, "--report_to", "none", "--use_cpu", "--seed", "42", "--ort_fallback", "error",
-        "--disable_tqdm", "True", "--save_strategy", "no",
+        "--output_dir",
+        output_dir,
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "--seed",
+        "42",
+        "--ort_fallback",
+        "error",
+        "--disable_tqdm",
+        "True",
+        "--save_strategy",
+        "no",
     ]
 
 

@@ -25,8 +25,16 @@ def bert_trainer(args):
 
 def compile_args(tmp_path, **overrides):
     values = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, learning_rate=1e-3, seed=0, report_to=[],
-        use_cpu=True, disable_tqdm=True, ort_fallback="error", save_strategy="no", ort_backend="compile",
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        seed=0,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        ort_fallback="error",
+        save_strategy="no",
+        ort_backend="compile",
     )
     values.update(overrides)
     return ORTTrainingArguments(**values)
@@ -79,10 +87,22 @@ def padded_to(rows, width, seed=0):
 def test_trimmed_lengths_share_a_few_graphs_and_train_like_pytorch(tmp_path):
     rows = [dict(row, input_ids=torch.cat([row["input_ids"]] * 4)) for row in tiny_dataset("bert", size=48)]
     data = padded_to(rows, width=48)
-    common = dict(max_steps=6, per_device_train_batch_size=8, learning_rate=1e-3, seed=0, report_to=[], use_cpu=True,
-                  save_strategy="no", logging_steps=1, disable_tqdm=True)
-    reference = Trainer(model=tiny_model("bert"), args=TrainingArguments(output_dir=str(tmp_path / "torch"), **common),
-                        train_dataset=data)
+    common = dict(
+        max_steps=6,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        seed=0,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+    )
+    reference = Trainer(
+        model=tiny_model("bert"),
+        args=TrainingArguments(output_dir=str(tmp_path / "torch"), **common),
+        train_dataset=data,
+    )
     reference.train()
     ort = ORTTrainer(model=tiny_model("bert"), args=compile_args(tmp_path, **common), train_dataset=data)
     graphs = ort.train().metrics["ort_graphs"]
@@ -117,14 +137,25 @@ def test_loss_inside_the_graph_matches_pytorch(tmp_path):
     common = dict(max_steps=3, label_smoothing_factor=0.1)
     reference = Trainer(
         model=tiny_model("bert"),
-        args=TrainingArguments(output_dir=str(tmp_path / "torch"), per_device_train_batch_size=8, learning_rate=1e-3,
-                               seed=0, report_to=[], use_cpu=True, save_strategy="no", **common),
+        args=TrainingArguments(
+            output_dir=str(tmp_path / "torch"),
+            per_device_train_batch_size=8,
+            learning_rate=1e-3,
+            seed=0,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            **common,
+        ),
         train_dataset=tiny_dataset("bert"),
     )
     reference.train()
     runs = compile_backend.stats.session_runs
-    ort = ORTTrainer(model=tiny_model("bert"), args=compile_args(tmp_path, use_module_with_loss=True, **common),
-                     train_dataset=tiny_dataset("bert"))
+    ort = ORTTrainer(
+        model=tiny_model("bert"),
+        args=compile_args(tmp_path, use_module_with_loss=True, **common),
+        train_dataset=tiny_dataset("bert"),
+    )
     ort.train()
     compiled = ort.accelerator.unwrap_model(ort.model_wrapped)
     assert type(compile_backend.uncompiled(compiled)).__name__ == "_ModelWithLoss"

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+
 SCRIPT = Path(__file__).resolve().parent / "distributed_train.py"
 
 
@@ -22,8 +23,15 @@ def free_port() -> int:
 
 
 def torchrun(*args, nproc=2, timeout=240, env=None):
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", str(SCRIPT), *map(str, args)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        str(SCRIPT),
+        *map(str, args),
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -50,7 +58,10 @@ def assert_same_weights(first, second, atol):
 def test_two_ranks_match_one_process(runs):
     _, single, double = runs
     assert (double["world_size"], double["wrapper"], double["inner"], double["backend"]) == (
-        2, "DistributedDataParallel", "ORTModule", "onnxruntime"
+        2,
+        "DistributedDataParallel",
+        "ORTModule",
+        "onnxruntime",
     )
     # transformers logs the loss of models that take loss kwargs scaled by the number of processes.
     np.testing.assert_allclose(np.array(double["losses"]) / 2, single["losses"], atol=1e-4, rtol=0)
@@ -65,10 +76,23 @@ def test_two_nodes_on_one_machine(runs):
     port = free_port()
     nodes = [
         subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}",
-             "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=ort-test", str(SCRIPT),
-             str(folder / "nodes"), "4"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                f"--node_rank={rank}",
+                "--rdzv_backend=c10d",
+                f"--rdzv_endpoint=127.0.0.1:{port}",
+                "--rdzv_id=ort-test",
+                str(SCRIPT),
+                str(folder / "nodes"),
+                "4",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for rank in (0, 1)
     ]
@@ -100,14 +124,21 @@ def test_a_dead_rank_stops_the_run_and_the_checkpoint_resumes(runs):
 def test_two_ranks_match_one_process_with_the_compile_backend(tmp_path):
     """DDP around the compiled model; the ranks share one graph cache, which the second run reads from."""
     environment = {**os.environ, "ORT_TRAINER_CACHE": str(tmp_path / "cache")}
-    single = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "single"), "8", "1", "0", "", "compile"],
-                            capture_output=True, text=True, env=environment)
+    single = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path / "single"), "8", "1", "0", "", "compile"],
+        capture_output=True,
+        text=True,
+        env=environment,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     double = torchrun(tmp_path / "double", 4, 1, 0, "", "compile", env=environment)
     assert double.returncode == 0, double.stderr[-3000:]
     single, double = result(tmp_path / "single"), result(tmp_path / "double")
     assert (double["world_size"], double["wrapper"], double["inner"], double["backend"]) == (
-        2, "DistributedDataParallel", "OptimizedModule", "onnxruntime"
+        2,
+        "DistributedDataParallel",
+        "OptimizedModule",
+        "onnxruntime",
     )
     np.testing.assert_allclose(np.array(double["losses"]) / 2, single["losses"], atol=1e-4, rtol=0)
     assert_same_weights(double, single, atol=1e-4)
@@ -122,19 +153,61 @@ def test_two_ranks_match_one_process_with_the_compile_backend(tmp_path):
 def test_example_scripts_run_unchanged_under_torchrun(task, tmp_path):
     root = SCRIPT.parents[1] / "examples" / task
     script, data, suffix, config, task_arguments = {
-        "text-classification": (root / "run_glue.py", root / "data" / "sentiment", "csv", "bert-mini.json", ["--max_seq_length", "48"]),
-        "token-classification": (root / "run_ner.py", root / "data" / "ner", "json", "bert-mini.json", ["--max_seq_length", "48"]),
+        "text-classification": (
+            root / "run_glue.py",
+            root / "data" / "sentiment",
+            "csv",
+            "bert-mini.json",
+            ["--max_seq_length", "48"],
+        ),
+        "token-classification": (
+            root / "run_ner.py",
+            root / "data" / "ner",
+            "json",
+            "bert-mini.json",
+            ["--max_seq_length", "48"],
+        ),
         "translation": (
-            root / "run_translation.py", root / "data" / "en-toy", "json", "t5-mini.json",
+            root / "run_translation.py",
+            root / "data" / "en-toy",
+            "json",
+            "t5-mini.json",
             ["--source_lang", "en", "--target_lang", "toy", "--predict_with_generate", "--max_source_length", "48"],
         ),
     }[task]
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", str(script),
-        "--config_name", root / "demo" / config, "--train_tokenizer", "--train_file", data / f"train.{suffix}",
-        "--validation_file", data / f"validation.{suffix}", "--do_train", "--do_eval", "--inference_with_ort",
-        "--max_train_samples", "256", "--max_eval_samples", "100", "--max_steps", "4", *task_arguments,
-        "--output_dir", tmp_path, "--report_to", "none", "--use_cpu", "--ort_fallback", "error", "--save_strategy", "no",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        str(script),
+        "--config_name",
+        root / "demo" / config,
+        "--train_tokenizer",
+        "--train_file",
+        data / f"train.{suffix}",
+        "--validation_file",
+        data / f"validation.{suffix}",
+        "--do_train",
+        "--do_eval",
+        "--inference_with_ort",
+        "--max_train_samples",
+        "256",
+        "--max_eval_samples",
+        "100",
+        "--max_steps",
+        "4",
+        *task_arguments,
+        "--output_dir",
+        tmp_path,
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "--ort_fallback",
+        "error",
+        "--save_strategy",
+        "no",
     ]
     run = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -11,6 +11,7 @@ import pytest
 
 from ort_trainer.example_utils import LOCK_FILE, _locked_output_dir, train_wordpiece_tokenizer
 
+
 TEXTS = ["the film was not bad", "the plot was good but the ending was dull", "a fresh and funny film"]
 
 
@@ -32,7 +33,15 @@ def test_built_tokenizer_splits_unknown_words_into_pieces():
     tokenizer = train_wordpiece_tokenizer(TEXTS, 100, 64)
     assert tokenizer.tokenize("The film was fun") == ["the", "film", "was", "f", "##u", "##n"]
     encoded = tokenizer("the film", "was good")
-    assert tokenizer.convert_ids_to_tokens(encoded["input_ids"]) == ["[CLS]", "the", "film", "[SEP]", "was", "good", "[SEP]"]
+    assert tokenizer.convert_ids_to_tokens(encoded["input_ids"]) == [
+        "[CLS]",
+        "the",
+        "film",
+        "[SEP]",
+        "was",
+        "good",
+        "[SEP]",
+    ]
     assert encoded["token_type_ids"] == [0, 0, 0, 0, 1, 1, 1]
     assert tokenizer.model_max_length == 64
 

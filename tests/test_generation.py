@@ -12,10 +12,22 @@ from .tiny_models import VOCAB, tiny_model
 def marian():
     torch.manual_seed(0)
     config = MarianConfig(
-        vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, dropout=0.0, attention_dropout=0.0,
-        activation_dropout=0.0, max_position_embeddings=64, pad_token_id=0, eos_token_id=1,
-        decoder_start_token_id=0, forced_eos_token_id=None,
+        vocab_size=VOCAB,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        forced_eos_token_id=None,
     )
     return AutoModelForSeq2SeqLM.from_config(config)
 

@@ -10,10 +10,11 @@ from ort_trainer import ORTTrainer, ORTTrainingArguments
 from ort_trainer.inference import ONNXExportError
 from ort_trainer.inference.classification import Classifier
 from ort_trainer.inference.fusion import same_outputs
-from ort_trainer.inference.session import warn_once, select_provider
+from ort_trainer.inference.session import select_provider, warn_once
 
 from .conftest import CPU_RUN
 from .tiny_models import CONFIGS, VOCAB, tiny_model
+
 
 LENGTH = 16
 
@@ -32,7 +33,9 @@ def padded_rows(size, token_labels=False, seed=1):
         else:
             labels = torch.tensor(int(ids[0]) % 2)
         # token_type_ids first: the graph's inputs must follow `forward`'s order, not the batch's.
-        rows.append({"token_type_ids": torch.zeros_like(ids), "input_ids": ids, "attention_mask": mask, "labels": labels})
+        rows.append(
+            {"token_type_ids": torch.zeros_like(ids), "input_ids": ids, "attention_mask": mask, "labels": labels}
+        )
     return rows
 
 
@@ -89,7 +92,9 @@ def test_token_classification_matches_pytorch_on_every_token(tmp_path):
     np.testing.assert_array_equal(
         ort_prediction.predictions.argmax(-1)[keep], pytorch_prediction.predictions.argmax(-1)[keep]
     )
-    np.testing.assert_allclose(ort_prediction.predictions[keep], pytorch_prediction.predictions[keep], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        ort_prediction.predictions[keep], pytorch_prediction.predictions[keep], atol=1e-4, rtol=0
+    )
     assert ort_prediction.metrics["test_accuracy"] == pytorch_prediction.metrics["test_accuracy"]
 
 
@@ -141,7 +146,8 @@ def test_provider_follows_the_model_device_and_the_installed_build(caplog):
         "Runtime on the CPU. To evaluate on the GPU: pip install onnxruntime-gpu; to evaluate in PyTorch instead: "
         "`--ort_inference_without_cuda pytorch`.",
         "The model is on cuda:0, but the installed ONNX Runtime has no CUDAExecutionProvider: evaluating in PyTorch "
-        "(`--ort_inference_without_cuda pytorch`). To evaluate with ONNX Runtime on the GPU: pip install onnxruntime-gpu.",
+        "(`--ort_inference_without_cuda pytorch`). To evaluate with ONNX Runtime on the GPU: pip install "
+        "onnxruntime-gpu.",
     ]
 
 

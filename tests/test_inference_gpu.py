@@ -11,6 +11,7 @@ from ort_trainer.inference.seq2seq import Seq2SeqLM
 from .test_inference import padded_rows
 from .tiny_models import CONFIGS
 
+
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or "CUDAExecutionProvider" not in onnxruntime_providers(),
     reason="needs a CUDA GPU and an ONNX Runtime build with CUDAExecutionProvider (onnxruntime-gpu)",
@@ -86,9 +87,7 @@ def test_fp16_cuda_generation_agrees_with_pytorch_fp16(name, tmp_path):
 
     model = tiny_model(name).cuda().eval()
     input_ids, attention_mask = (tensor.cuda() for tensor in padded_batch(model, rows=16, length=13, seed=1))
-    onnx_model = Seq2SeqLM.load(
-        model, {"input_ids": input_ids, "attention_mask": attention_mask}, tmp_path, fp16=True
-    )
+    onnx_model = Seq2SeqLM.load(model, {"input_ids": input_ids, "attention_mask": attention_mask}, tmp_path, fp16=True)
     assert all(session.path.name.endswith("_fp16.onnx") for session in onnx_model.sessions)
     settings = {"min_new_tokens": 12, "max_new_tokens": 12}
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):

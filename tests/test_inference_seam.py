@@ -75,8 +75,11 @@ def evaluate(head, cpu_args, inference_with_ort, pytorch_forbidden=None, **setti
     make_model, rows, trainer_class = HEADS[head]
     args_class = ORTSeq2SeqTrainingArguments if trainer_class is Seq2SeqORTTrainer else None
     args = cpu_args(
-        f"{head}-{inference_with_ort}", **({"args_class": args_class} if args_class else {}), use_ort=False,
-        inference_with_ort=inference_with_ort, label_smoothing_factor=settings.get("label_smoothing_factor", 0.0),
+        f"{head}-{inference_with_ort}",
+        **({"args_class": args_class} if args_class else {}),
+        use_ort=False,
+        inference_with_ort=inference_with_ort,
+        label_smoothing_factor=settings.get("label_smoothing_factor", 0.0),
     )
     model = decided(make_model().eval())
     compute_loss_func = settings.get("compute_loss_func")
@@ -89,8 +92,11 @@ def evaluate(head, cpu_args, inference_with_ort, pytorch_forbidden=None, **setti
             hook.remove()
 
 
-@pytest.mark.parametrize("settings", [{"label_smoothing_factor": 0.1}, {"compute_loss_func": smoothed_cross_entropy}],
-                         ids=["label-smoothing", "compute-loss-func"])
+@pytest.mark.parametrize(
+    "settings",
+    [{"label_smoothing_factor": 0.1}, {"compute_loss_func": smoothed_cross_entropy}],
+    ids=["label-smoothing", "compute-loss-func"],
+)
 @pytest.mark.parametrize("head", list(HEADS))
 def test_eval_loss_and_predictions_equal_pytorch(head, settings, cpu_args, pytorch_forbidden, caplog):
     pytorch_metrics, pytorch_prediction = evaluate(head, cpu_args, False, **settings)
@@ -102,8 +108,10 @@ def test_eval_loss_and_predictions_equal_pytorch(head, settings, cpu_args, pytor
     # The loss really is the setting's: not the model's own.
     plain_metrics, _ = evaluate(head, cpu_args, False)
     assert abs(plain_metrics["eval_loss"] - pytorch_metrics["eval_loss"]) > 1e-3
-    ort_logits, pytorch_logits = (np.asarray(p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions)
-                                  for p in (ort_prediction, pytorch_prediction))
+    ort_logits, pytorch_logits = (
+        np.asarray(p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions)
+        for p in (ort_prediction, pytorch_prediction)
+    )
     keep = pytorch_prediction.label_ids != -100
     if ort_logits.ndim == 3:  # per token: padding positions predict nothing
         ort_logits, pytorch_logits = ort_logits[keep], pytorch_logits[keep]
@@ -127,9 +135,17 @@ def test_custom_compute_loss_chooses_the_same_best_checkpoint(cpu_args):
     best = {}
     for inference_with_ort in (False, True):
         args = cpu_args(
-            f"weighted-{inference_with_ort}", use_ort=False, inference_with_ort=inference_with_ort, max_steps=24,
-            learning_rate=5e-3, eval_strategy="steps", eval_steps=6, save_strategy="steps", save_steps=6,
-            load_best_model_at_end=True, metric_for_best_model="loss",
+            f"weighted-{inference_with_ort}",
+            use_ort=False,
+            inference_with_ort=inference_with_ort,
+            max_steps=24,
+            learning_rate=5e-3,
+            eval_strategy="steps",
+            eval_steps=6,
+            save_strategy="steps",
+            save_steps=6,
+            load_best_model_at_end=True,
+            metric_for_best_model="loss",
         )
         trainer = WeightedLossTrainer(model=tiny_model("bert"), args=args, train_dataset=data, eval_dataset=data[:24])
         trainer.train()

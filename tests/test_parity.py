@@ -3,7 +3,6 @@ backend. `ORT_TRAINER_TEST_BACKENDS=compile` runs only the compile backend (buil
 
 import os
 
-
 import pytest
 import torch
 from transformers import Trainer, TrainingArguments
@@ -12,6 +11,7 @@ from ort_trainer import ORTTrainer, ORTTrainingArguments, compile_backend
 from ort_trainer.ortmodule import ortmodule_status
 
 from .tiny_models import TASKS, tiny_dataset, tiny_model
+
 
 STEPS = 5
 BACKENDS = os.environ.get("ORT_TRAINER_TEST_BACKENDS", "ortmodule,compile").split(",")
@@ -42,8 +42,15 @@ def recording(trainer_class):
 
 def train(name, tmp_path, backend=None):
     common = dict(
-        output_dir=str(tmp_path / (backend or "torch")), max_steps=STEPS, per_device_train_batch_size=8,
-        learning_rate=1e-3, seed=0, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+        output_dir=str(tmp_path / (backend or "torch")),
+        max_steps=STEPS,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        seed=0,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
     )
     if backend:
         args = ORTTrainingArguments(ort_fallback="error", ort_backend=backend, **common)
@@ -84,13 +91,23 @@ def test_seq2seq_trainer_trains_like_seq2seq_trainer(name, backend, tmp_path):
 
     from ort_trainer import ORTSeq2SeqTrainingArguments, Seq2SeqORTTrainer
 
-    common = dict(max_steps=STEPS, per_device_train_batch_size=8, learning_rate=1e-3, seed=0, report_to=[],
-                  save_strategy="no", use_cpu=True, disable_tqdm=True, label_smoothing_factor=0.1)
+    common = dict(
+        max_steps=STEPS,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        seed=0,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        label_smoothing_factor=0.1,
+    )
     # With label smoothing the trainer computes the loss, so the batch brings the decoder inputs itself.
     shift = tiny_model(name).prepare_decoder_input_ids_from_labels
     data = [dict(row, decoder_input_ids=shift(labels=row["labels"][None])[0]) for row in tiny_dataset(name)]
     reference = recording(Seq2SeqTrainer)(
-        model=tiny_model(name), args=Seq2SeqTrainingArguments(output_dir=str(tmp_path / "torch"), **common),
+        model=tiny_model(name),
+        args=Seq2SeqTrainingArguments(output_dir=str(tmp_path / "torch"), **common),
         train_dataset=data,
     )
     reference.train()

@@ -9,6 +9,7 @@ from ort_trainer import example_utils
 
 from .example_scripts import EXAMPLES, common, data_files, int8_operators, load_script, run_script
 
+
 EXAMPLE = EXAMPLES / "token-classification"
 DATA = EXAMPLE / "data" / "ner"
 MODEL_CONFIG = EXAMPLE / "demo" / "bert-mini.json"
@@ -25,10 +26,25 @@ def test_short_schedule_learns_and_ort_evaluation_equals_pytorch(monkeypatch, tm
     out = tmp_path / "out"
     with caplog.at_level("INFO", logger="ort_trainer"):
         run_ner(
-            monkeypatch, "--config_name", MODEL_CONFIG, "--train_tokenizer", *files("train", "validation", "test"),
-            "--do_train", "--do_eval", "--do_predict", "--inference_with_ort", "--return_entity_level_metrics",
-            "--num_train_epochs", "3", "--learning_rate", "1e-3", "--warmup_steps", "30",
-            "--per_device_train_batch_size", "32", *common(out),
+            monkeypatch,
+            "--config_name",
+            MODEL_CONFIG,
+            "--train_tokenizer",
+            *files("train", "validation", "test"),
+            "--do_train",
+            "--do_eval",
+            "--do_predict",
+            "--inference_with_ort",
+            "--return_entity_level_metrics",
+            "--num_train_epochs",
+            "3",
+            "--learning_rate",
+            "1e-3",
+            "--warmup_steps",
+            "30",
+            "--per_device_train_batch_size",
+            "32",
+            *common(out),
         )
     assert "Training backend: onnxruntime on cpu." in caplog.text
     assert "Evaluation backend: ONNX Runtime on CPUExecutionProvider" in caplog.text
@@ -47,8 +63,19 @@ def test_short_schedule_learns_and_ort_evaluation_equals_pytorch(monkeypatch, tm
     # The trained model evaluated in PyTorch and in ONNX Runtime: the same seqeval metrics, the same predictions.
     metrics, predictions = {}, {}
     for backend, flags in (("pytorch", []), ("ort", ["--inference_with_ort"])):
-        run_ner(monkeypatch, "--model_name_or_path", out, *files("validation", "test"), "--do_eval", "--do_predict",
-                "--use_ort", "False", "--return_entity_level_metrics", *flags, *common(tmp_path / backend))
+        run_ner(
+            monkeypatch,
+            "--model_name_or_path",
+            out,
+            *files("validation", "test"),
+            "--do_eval",
+            "--do_predict",
+            "--use_ort",
+            "False",
+            "--return_entity_level_metrics",
+            *flags,
+            *common(tmp_path / backend),
+        )
         metrics[backend] = json.loads((tmp_path / backend / "eval_results.json").read_text())
         predictions[backend] = (tmp_path / backend / "predictions.txt").read_text()
     assert predictions["ort"] == predictions["pytorch"]
@@ -61,8 +88,19 @@ def test_short_schedule_learns_and_ort_evaluation_equals_pytorch(monkeypatch, tm
             assert metrics["ort"][key] == value, key
 
     # In dynamic int8: F1 within a point of the fp32 graph's, measured beside it, on quantized operators.
-    run_ner(monkeypatch, "--model_name_or_path", out, *files("validation"), "--do_eval", "--use_ort", "False",
-            "--inference_with_ort", "--ort_quantization", "dynamic_int8", *common(tmp_path / "int8"))
+    run_ner(
+        monkeypatch,
+        "--model_name_or_path",
+        out,
+        *files("validation"),
+        "--do_eval",
+        "--use_ort",
+        "False",
+        "--inference_with_ort",
+        "--ort_quantization",
+        "dynamic_int8",
+        *common(tmp_path / "int8"),
+    )
     int8 = json.loads((tmp_path / "int8" / "eval_results.json").read_text())
     assert int8["eval_fp32_f1"] == metrics["ort"]["eval_f1"]
     assert abs(int8["eval_f1"] - int8["eval_fp32_f1"]) <= 0.01
@@ -83,10 +121,27 @@ def test_alignment_first_piece_or_all_pieces():
 
 def test_words_cut_by_max_seq_length_are_reported_and_still_written(monkeypatch, tmp_path, caplog):
     with caplog.at_level("WARNING"):
-        run_ner(monkeypatch, "--config_name", MODEL_CONFIG, "--train_tokenizer", *files("train", "test"),
-                "--max_train_samples", "64", "--max_steps", "2", "--do_train", "--do_predict", "--max_seq_length", "6",
-                "--max_predict_samples", "20", *common(tmp_path / "out"))
-    assert "words of the test data were cut off by `--max_seq_length 6`; they are tagged O in predictions." in caplog.text
+        run_ner(
+            monkeypatch,
+            "--config_name",
+            MODEL_CONFIG,
+            "--train_tokenizer",
+            *files("train", "test"),
+            "--max_train_samples",
+            "64",
+            "--max_steps",
+            "2",
+            "--do_train",
+            "--do_predict",
+            "--max_seq_length",
+            "6",
+            "--max_predict_samples",
+            "20",
+            *common(tmp_path / "out"),
+        )
+    assert (
+        "words of the test data were cut off by `--max_seq_length 6`; they are tagged O in predictions." in caplog.text
+    )
     sentences = (tmp_path / "out" / "predictions.txt").read_text().split("\n\n")[:-1]
     test_rows = [json.loads(line) for line in (DATA / "test.json").read_text().splitlines()][:20]
     assert [len(sentence.splitlines()) for sentence in sentences] == [len(row["tokens"]) for row in test_rows]
@@ -103,15 +158,26 @@ def bad_cases(tmp_path):
     good = {"tokens": ["Anna", "lives", "in", "Rome"], "ner_tags": ["B-PER", "O", "O", "B-LOC"]}
     train = write_rows(tmp_path / "train.json", [good] * 4)
     unknown_tag = write_rows(tmp_path / "unknown.json", [good, {"tokens": ["Bob"], "ner_tags": ["B-XYZ"]}])
-    mismatched = write_rows(tmp_path / "mismatched.json", [good, good, {"tokens": ["Bob", "ran"], "ner_tags": ["B-PER"]}])
+    mismatched = write_rows(
+        tmp_path / "mismatched.json", [good, good, {"tokens": ["Bob", "ran"], "ner_tags": ["B-PER"]}]
+    )
     no_tags = write_rows(tmp_path / "no_tags.json", [{"tokens": ["Bob"]}])
     empty = tmp_path / "empty.json"
     empty.write_text("")
     scratch = ["--config_name", MODEL_CONFIG, "--train_tokenizer", "--do_train"]
     return {
-        "unknown tag": ([*scratch, "--train_file", train, "--validation_file", unknown_tag, "--do_eval"], "Row 1 of the validation data has tag 'B-XYZ', which the training labels (B-LOC, B-PER, O) do not have."),
-        "mismatched lengths": ([*scratch, "--train_file", mismatched], "Row 2 of the train data has 2 words but 1 tags."),
-        "missing column": ([*scratch, "--train_file", no_tags, "--label_column_name", "ner_tags"], "No label column `ner_tags` in the data (columns: tokens)."),
+        "unknown tag": (
+            [*scratch, "--train_file", train, "--validation_file", unknown_tag, "--do_eval"],
+            "Row 1 of the validation data has tag 'B-XYZ', which the training labels (B-LOC, B-PER, O) do not have.",
+        ),
+        "mismatched lengths": (
+            [*scratch, "--train_file", mismatched],
+            "Row 2 of the train data has 2 words but 1 tags.",
+        ),
+        "missing column": (
+            [*scratch, "--train_file", no_tags, "--label_column_name", "ner_tags"],
+            "No label column `ner_tags` in the data (columns: tokens).",
+        ),
         "empty file": ([*scratch, "--train_file", empty], f"`--train_file` {empty} is empty."),
         "no data": ([*scratch], "Give `--dataset_name`, or data files with `--train_file`/`--validation_file`."),
     }
@@ -137,8 +203,15 @@ def test_slow_tokenizer_is_refused(monkeypatch, tmp_path, capsys):
 
     monkeypatch.setattr(example_utils, "load_tokenizer", slow_tokenizer)
     with pytest.raises(SystemExit):
-        run_ner(monkeypatch, "--config_name", MODEL_CONFIG, "--train_tokenizer", *files("train"), "--do_train",
-                *common(tmp_path / "out"))
+        run_ner(
+            monkeypatch,
+            "--config_name",
+            MODEL_CONFIG,
+            "--train_tokenizer",
+            *files("train"),
+            "--do_train",
+            *common(tmp_path / "out"),
+        )
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "run_ner.py: error: run_ner.py aligns labels with a fast tokenizer's word ids, and TokenizersBackend "
         "is slow. To fix: use a model that has a fast tokenizer (tokenizer.json)."
@@ -153,9 +226,26 @@ def test_padded_to_max_length_beyond_the_positions_trains_in_ort_as_in_pytorch(m
     losses = {}
     for backend in ("ort", "pytorch"):
         with caplog.at_level("INFO"):
-            run_ner(monkeypatch, "--config_name", tmp_path / "bert.json", "--train_tokenizer", *files("train"), "--do_train",
-                    "--max_train_samples", "64", "--max_steps", "3", "--logging_steps", "1", "--pad_to_max_length",
-                    "--max_seq_length", "500", "--use_ort", str(backend == "ort"), *common(tmp_path / backend))
+            run_ner(
+                monkeypatch,
+                "--config_name",
+                tmp_path / "bert.json",
+                "--train_tokenizer",
+                *files("train"),
+                "--do_train",
+                "--max_train_samples",
+                "64",
+                "--max_steps",
+                "3",
+                "--logging_steps",
+                "1",
+                "--pad_to_max_length",
+                "--max_seq_length",
+                "500",
+                "--use_ort",
+                str(backend == "ort"),
+                *common(tmp_path / backend),
+            )
         history = json.loads((tmp_path / backend / "trainer_state.json").read_text())["log_history"]
         losses[backend] = [entry["loss"] for entry in history if "loss" in entry]
     assert "`--max_seq_length 500` is more than the model takes (64 tokens): using 64." in caplog.text

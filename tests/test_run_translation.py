@@ -11,6 +11,7 @@ from ort_trainer import example_utils
 from .example_scripts import EXAMPLES, common, data_files, load_script, run_script
 from .tiny_models import tiny_model
 
+
 EXAMPLE = EXAMPLES / "translation"
 DATA = EXAMPLE / "data" / "en-toy"
 LANGUAGES = ["--source_lang", "en", "--target_lang", "toy"]
@@ -28,11 +29,33 @@ def test_short_schedule_learns_and_ort_generation_equals_pytorch(architecture, m
     trained = tmp_path / "trained"
     with caplog.at_level("INFO", logger="ort_trainer"):
         run_translation(
-            monkeypatch, "--config_name", EXAMPLE / "demo" / f"{architecture}-mini.json", "--train_tokenizer",
-            *LANGUAGES, *files("train", "validation"), "--max_source_length", "64", "--max_target_length", "64",
-            "--do_train", "--do_eval", "--predict_with_generate", "--inference_with_ort", "--max_eval_samples", "200",
-            "--num_train_epochs", "4", "--learning_rate", "2e-3", "--warmup_steps", "100",
-            "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "64", *common(trained),
+            monkeypatch,
+            "--config_name",
+            EXAMPLE / "demo" / f"{architecture}-mini.json",
+            "--train_tokenizer",
+            *LANGUAGES,
+            *files("train", "validation"),
+            "--max_source_length",
+            "64",
+            "--max_target_length",
+            "64",
+            "--do_train",
+            "--do_eval",
+            "--predict_with_generate",
+            "--inference_with_ort",
+            "--max_eval_samples",
+            "200",
+            "--num_train_epochs",
+            "4",
+            "--learning_rate",
+            "2e-3",
+            "--warmup_steps",
+            "100",
+            "--per_device_train_batch_size",
+            "32",
+            "--per_device_eval_batch_size",
+            "64",
+            *common(trained),
         )
     assert "Training backend: onnxruntime on cpu." in caplog.text
     assert "Evaluation and generation backend: ONNX Runtime on CPUExecutionProvider" in caplog.text
@@ -45,12 +68,25 @@ def test_short_schedule_learns_and_ort_generation_equals_pytorch(architecture, m
         for backend, flags in (("pytorch", []), ("ort", ["--inference_with_ort"])):
             out = tmp_path / f"{backend}-{num_beams}"
             run_translation(
-                monkeypatch, "--model_name_or_path", trained, *LANGUAGES, *files("test"), "--do_predict",
-                "--predict_with_generate", "--num_beams", num_beams, "--max_predict_samples", "120",
-                "--per_device_eval_batch_size", "32", *flags, *common(out),
+                monkeypatch,
+                "--model_name_or_path",
+                trained,
+                *LANGUAGES,
+                *files("test"),
+                "--do_predict",
+                "--predict_with_generate",
+                "--num_beams",
+                num_beams,
+                "--max_predict_samples",
+                "120",
+                "--per_device_eval_batch_size",
+                "32",
+                *flags,
+                *common(out),
             )
             outputs[backend] = (
-                (out / "generated_predictions.txt").read_text(), json.loads((out / "predict_results.json").read_text())
+                (out / "generated_predictions.txt").read_text(),
+                json.loads((out / "predict_results.json").read_text()),
             )
         (pytorch_text, pytorch_metrics), (ort_text, ort_metrics) = outputs["pytorch"], outputs["ort"]
         assert ort_text == pytorch_text
@@ -74,8 +110,16 @@ def bad_input(monkeypatch, tmp_path, capsys, *args):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(SystemExit) as exit_info:
         run_translation(
-            monkeypatch, "--config_name", EXAMPLE / "demo" / "t5-mini.json", "--train_tokenizer", *args,
-            "--do_train", "--max_steps", "1", *common(out), "--overwrite_output_dir",
+            monkeypatch,
+            "--config_name",
+            EXAMPLE / "demo" / "t5-mini.json",
+            "--train_tokenizer",
+            *args,
+            "--do_train",
+            "--max_steps",
+            "1",
+            *common(out),
+            "--overwrite_output_dir",
         )
     assert exit_info.value.code == 1
     assert [path.name for path in out.iterdir()] == ["keep.txt"]
@@ -93,8 +137,12 @@ def test_a_line_without_a_language_is_named(monkeypatch, tmp_path, capsys):
 
 def test_a_source_language_not_in_the_data(monkeypatch, tmp_path, capsys):
     train = write_jsonl(tmp_path / "train.json", [GOOD, GOOD])
-    error = bad_input(monkeypatch, tmp_path, capsys, "--source_lang", "de", "--target_lang", "toy", "--train_file", train)
-    assert error == "run_translation.py: error: `--source_lang de` is not in the train data, whose languages are en, toy."
+    error = bad_input(
+        monkeypatch, tmp_path, capsys, "--source_lang", "de", "--target_lang", "toy", "--train_file", train
+    )
+    assert (
+        error == "run_translation.py: error: `--source_lang de` is not in the train data, whose languages are en, toy."
+    )
 
 
 def test_an_empty_file(monkeypatch, tmp_path, capsys):
@@ -114,8 +162,18 @@ def test_long_targets_are_truncated_and_counted(monkeypatch, tmp_path, caplog):
     train = write_jsonl(tmp_path / "train.json", [GOOD, long_pair, long_pair])
     with caplog.at_level("WARNING"):
         run_translation(
-            monkeypatch, "--config_name", EXAMPLE / "demo" / "t5-mini.json", "--train_tokenizer", *LANGUAGES,
-            "--train_file", train, "--max_target_length", "8", "--do_train", "--max_steps", "1",
+            monkeypatch,
+            "--config_name",
+            EXAMPLE / "demo" / "t5-mini.json",
+            "--train_tokenizer",
+            *LANGUAGES,
+            "--train_file",
+            train,
+            "--max_target_length",
+            "8",
+            "--do_train",
+            "--max_steps",
+            "1",
             *common(tmp_path / "out"),
         )
     assert "2 target texts of the train data are longer than 8 tokens and were truncated." in caplog.text
@@ -130,8 +188,16 @@ def test_pretrained_t5_without_source_prefix_warns_as_upstream(monkeypatch, tmp_
     train = write_jsonl(tmp_path / "train.json", [GOOD, GOOD])
     with caplog.at_level("WARNING"):
         run_translation(
-            monkeypatch, "--model_name_or_path", model_dir, *LANGUAGES, "--train_file", train, "--do_train",
-            "--max_steps", "1", *common(tmp_path / "out"),
+            monkeypatch,
+            "--model_name_or_path",
+            model_dir,
+            *LANGUAGES,
+            "--train_file",
+            train,
+            "--do_train",
+            "--max_steps",
+            "1",
+            *common(tmp_path / "out"),
         )
     assert (
         "You're running a t5 model but didn't provide a source prefix, which is expected, e.g. with "
@@ -144,9 +210,13 @@ def test_hub_data_is_checked_by_its_declared_languages():
 
     check_languages = load_script(EXAMPLE / "run_translation.py").check_languages
     features = Features({"translation": Translation(languages=["en", "ro"])})
-    data = DatasetDict(train=Dataset.from_dict({"translation": [{"en": "a cat", "ro": "o pisică"}]}, features=features))
+    data = DatasetDict(
+        train=Dataset.from_dict({"translation": [{"en": "a cat", "ro": "o pisică"}]}, features=features)
+    )
     check_languages(data, "en", "ro")
-    with pytest.raises(ValueError, match=r"^`--target_lang de` is not in the train data, whose languages are en, ro\.$"):
+    with pytest.raises(
+        ValueError, match=r"^`--target_lang de` is not in the train data, whose languages are en, ro\.$"
+    ):
         check_languages(data, "en", "de")
 
 
@@ -154,13 +224,19 @@ def test_hub_data_is_checked_by_its_declared_languages():
     "flags, message",
     [
         (["--num_beams", "0"], "`--num_beams` must be 1 or more, got 0. To fix: pass a positive `--num_beams`."),
-        (["--generation_num_beams", "-1"],
-         "`--generation_num_beams` must be 1 or more, got -1. To fix: pass a positive `--generation_num_beams`."),
-        (["--generation_max_length", "0"],
-         "`--generation_max_length` must be 1 or more, got 0. To fix: pass a positive `--generation_max_length`."),
-        (["--num_beams", "2", "--generation_config", "GENERATION"],
-         "Invalid generation settings: `num_return_sequences` (3) has to be smaller or equal to `num_beams` (2). "
-         "To fix: change `--num_beams` or `--generation_max_length`, or the model's generation config."),
+        (
+            ["--generation_num_beams", "-1"],
+            "`--generation_num_beams` must be 1 or more, got -1. To fix: pass a positive `--generation_num_beams`.",
+        ),
+        (
+            ["--generation_max_length", "0"],
+            "`--generation_max_length` must be 1 or more, got 0. To fix: pass a positive `--generation_max_length`.",
+        ),
+        (
+            ["--num_beams", "2", "--generation_config", "GENERATION"],
+            "Invalid generation settings: `num_return_sequences` (3) has to be smaller or equal to `num_beams` (2). "
+            "To fix: change `--num_beams` or `--generation_max_length`, or the model's generation config.",
+        ),
     ],
 )
 def test_generation_settings_are_checked_before_training(flags, message, monkeypatch, tmp_path, capsys):
@@ -170,7 +246,13 @@ def test_generation_settings_are_checked_before_training(flags, message, monkeyp
     GenerationConfig(num_beams=4, num_return_sequences=3).save_pretrained(tmp_path / "generation")
     flags = [str(tmp_path / "generation") if flag == "GENERATION" else flag for flag in flags]
     error = bad_input(
-        monkeypatch, tmp_path, capsys, *LANGUAGES, *files("train", "validation"), "--do_eval", "--predict_with_generate",
+        monkeypatch,
+        tmp_path,
+        capsys,
+        *LANGUAGES,
+        *files("train", "validation"),
+        "--do_eval",
+        "--predict_with_generate",
         *flags,
     )
     assert error == f"run_translation.py: error: {message}"
@@ -185,9 +267,25 @@ def test_texts_longer_than_the_models_positions_are_capped_before_training(monke
     train = write_jsonl(tmp_path / "train.json", [GOOD, long_pair] * 8)
     with caplog.at_level("INFO"):
         run_translation(
-            monkeypatch, "--config_name", tmp_path / "bart.json", "--train_tokenizer", *LANGUAGES, "--train_file", train,
-            "--validation_file", train, "--max_target_length", "64", "--do_train", "--do_eval", "--predict_with_generate",
-            "--max_steps", "2", "--per_device_train_batch_size", "8", *common(tmp_path / "out"),
+            monkeypatch,
+            "--config_name",
+            tmp_path / "bart.json",
+            "--train_tokenizer",
+            *LANGUAGES,
+            "--train_file",
+            train,
+            "--validation_file",
+            train,
+            "--max_target_length",
+            "64",
+            "--do_train",
+            "--do_eval",
+            "--predict_with_generate",
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "8",
+            *common(tmp_path / "out"),
         )
     for flag, asked in (("--max_source_length", 1024), ("--max_target_length", 64), ("--val_max_target_length", 64)):
         assert f"`{flag} {asked}` is more than the model takes (24 tokens): using 24." in caplog.text

@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, save
 from ort_trainer import threads
 from ort_trainer.inference.session import ONNXModel
 
+
 pytestmark = [
     pytest.mark.skipif(threads._omp_pause_resource_all() is None, reason="PyTorch's OpenMP runtime has no pause"),
     pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc"),
@@ -45,7 +46,8 @@ def test_release_lets_the_openmp_workers_go():
 
 def test_a_cpu_session_run_releases_them_first(tmp_path):
     graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "x"], ["y"])], "double",
+        [helper.make_node("Add", ["x", "x"], ["y"])],
+        "double",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])],
     )

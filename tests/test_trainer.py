@@ -15,15 +15,24 @@ from .tiny_models import tiny_dataset, tiny_model
 
 def ort_args(tmp_path, **overrides):
     values = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, learning_rate=1e-3, seed=0, report_to=[],
-        use_cpu=True, disable_tqdm=True, ort_fallback="error", save_strategy="no",
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        seed=0,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        ort_fallback="error",
+        save_strategy="no",
     )
     values.update(overrides)
     return ORTTrainingArguments(**values)
 
 
 def test_checkpoints_are_plain_transformers_and_resume_matches(tmp_path):
-    full = ORTTrainer(model=tiny_model("bert"), args=ort_args(tmp_path / "full", max_steps=8), train_dataset=tiny_dataset("bert"))
+    full = ORTTrainer(
+        model=tiny_model("bert"), args=ort_args(tmp_path / "full", max_steps=8), train_dataset=tiny_dataset("bert")
+    )
     full_loss = full.train().training_loss
 
     args = ort_args(tmp_path / "resumed", max_steps=8, save_strategy="steps", save_steps=4)
@@ -37,7 +46,9 @@ def test_checkpoints_are_plain_transformers_and_resume_matches(tmp_path):
     plain = Trainer(model=tiny_model("bert"), args=plain_args, train_dataset=tiny_dataset("bert"))
     plain.train()
     plain.save_model()
-    assert json.loads((checkpoint / "config.json").read_text()) == json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert json.loads((checkpoint / "config.json").read_text()) == json.loads(
+        (tmp_path / "plain" / "config.json").read_text()
+    )
     reloaded = AutoModelForSequenceClassification.from_pretrained(checkpoint)
     assert reloaded.config._attn_implementation == tiny_model("bert").config._attn_implementation
 
@@ -94,9 +105,12 @@ class TinyLanguageModel(torch.nn.Module):
         self.blocks = torch.nn.ModuleList(
             torch.nn.ModuleDict(
                 {
-                    "norm1": torch.nn.LayerNorm(dim), "attention": CausalSelfAttention(dim, heads=2),
+                    "norm1": torch.nn.LayerNorm(dim),
+                    "attention": CausalSelfAttention(dim, heads=2),
                     "norm2": torch.nn.LayerNorm(dim),
-                    "mlp": torch.nn.Sequential(torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(), torch.nn.Linear(4 * dim, dim)),
+                    "mlp": torch.nn.Sequential(
+                        torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(), torch.nn.Linear(4 * dim, dim)
+                    ),
                 }
             )
             for _ in range(layers)
@@ -128,13 +142,19 @@ class TransformerEncoderClassifier(torch.nn.Module):
 
 
 def test_model_ort_cannot_train_fails_clearly_without_fallback(tmp_path):
-    trainer = ORTTrainer(model=TransformerEncoderClassifier(), args=ort_args(tmp_path, max_steps=2), train_dataset=tiny_dataset("bert"))
+    trainer = ORTTrainer(
+        model=TransformerEncoderClassifier(), args=ort_args(tmp_path, max_steps=2), train_dataset=tiny_dataset("bert")
+    )
     with pytest.raises(ORTTrainingError) as raised:
         trainer.train()
     message = str(raised.value)
     assert "\n" not in message
-    assert message.startswith("ONNX Runtime could not train TransformerEncoderClassifier: AssertionError in symbolic_shape_infer.py")
-    assert message.endswith("To fix: pass `--ort_fallback pytorch` to train in PyTorch when ORT cannot, or `--use_ort False`.")
+    assert message.startswith(
+        "ONNX Runtime could not train TransformerEncoderClassifier: AssertionError in symbolic_shape_infer.py"
+    )
+    assert message.endswith(
+        "To fix: pass `--ort_fallback pytorch` to train in PyTorch when ORT cannot, or `--use_ort False`."
+    )
     assert not any((tmp_path / "out").iterdir())  # Trainer makes the folder; nothing is written into it
 
 
@@ -173,7 +193,11 @@ def test_plain_module_with_compute_loss_func_learns_under_ort(tmp_path, use_modu
     trainer = ORTTrainer(
         model=TinyLanguageModel(),
         args=ort_args(
-            tmp_path, num_train_epochs=8, learning_rate=1e-2, logging_steps=8, label_names=["labels"],
+            tmp_path,
+            num_train_epochs=8,
+            learning_rate=1e-2,
+            logging_steps=8,
+            label_names=["labels"],
             use_module_with_loss=use_module_with_loss,
         ),
         train_dataset=repeating_sequences(),
@@ -191,14 +215,21 @@ def test_loss_inside_the_graph_matches_pytorch(tmp_path):
     reference = Trainer(
         model=tiny_model("bert"),
         args=TrainingArguments(
-            output_dir=str(tmp_path / "torch"), per_device_train_batch_size=8, learning_rate=1e-3, seed=0,
-            report_to=[], use_cpu=True, save_strategy="no", **common,
+            output_dir=str(tmp_path / "torch"),
+            per_device_train_batch_size=8,
+            learning_rate=1e-3,
+            seed=0,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            **common,
         ),
         train_dataset=tiny_dataset("bert"),
     )
     reference.train()
     ort = ORTTrainer(
-        model=tiny_model("bert"), args=ort_args(tmp_path, use_module_with_loss=True, **common),
+        model=tiny_model("bert"),
+        args=ort_args(tmp_path, use_module_with_loss=True, **common),
         train_dataset=tiny_dataset("bert"),
     )
     ort.train()
@@ -213,7 +244,9 @@ def test_torch_onnx_export_keeps_torch_defaults_after_ort_training(tmp_path):
     import inspect
 
     dynamo_default = inspect.signature(torch.onnx.export).parameters["dynamo"].default
-    ORTTrainer(model=tiny_model("bert"), args=ort_args(tmp_path, max_steps=1), train_dataset=tiny_dataset("bert")).train()
+    ORTTrainer(
+        model=tiny_model("bert"), args=ort_args(tmp_path, max_steps=1), train_dataset=tiny_dataset("bert")
+    ).train()
     assert inspect.signature(torch.onnx.export).parameters["dynamo"].default == dynamo_default
     model = tiny_model("bert").eval()
     path = tmp_path / "user.onnx"
@@ -231,9 +264,14 @@ def test_failed_extension_build_says_why_and_what_to_install(tmp_path):
     environment = {**os.environ, "ORT_TRAINER_CACHE": str(tmp_path), "CXX": "/nonexistent/c++"}
     result = subprocess.run(
         [sys.executable, "-c", "from ort_trainer.ortmodule import load_ortmodule; load_ortmodule()"],
-        env=environment, capture_output=True, text=True,
+        env=environment,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 1
     last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("ort_trainer.ortmodule.ORTTrainingUnavailableError: Could not compile ONNX Runtime's aten_op_executor extension in ")
+    assert last_line.startswith(
+        "ort_trainer.ortmodule.ORTTrainingUnavailableError: Could not compile ONNX Runtime's aten_op_executor "
+        "extension in "
+    )
     assert "/nonexistent/c++: not found. To fix: install a C++ compiler and Python headers" in last_line

@@ -13,6 +13,7 @@ from ort_trainer.trainer import TrainingDataError
 
 from .tiny_models import SEQ, VOCAB, tiny_dataset, tiny_model
 
+
 def trained_in_ort(trainer) -> bool:
     return ortmodule_status(trainer.accelerator.unwrap_model(trainer.model_wrapped)).backend == "onnxruntime"
 
@@ -47,7 +48,9 @@ def test_log_history_and_on_log_are_trainers_own_first_step_time_is_a_train_metr
     assert ort_logged.keys == plain_logged.keys and len(ort_logged.keys) == 4
     assert ort_output.metrics["train_first_step_seconds"] > 0
     assert set(ort_output.metrics) - set(plain_output.metrics) == {
-        "train_first_step_seconds", "train_real_tokens_per_sample", "train_computed_tokens_per_sample"
+        "train_first_step_seconds",
+        "train_real_tokens_per_sample",
+        "train_computed_tokens_per_sample",
     }
 
 
@@ -104,15 +107,25 @@ def ids_beyond_vocabulary(rows):
 @pytest.mark.parametrize(
     "corrupt, message",
     [
-        (bad_labels, "A training batch has label 5, but the model has 2 classes (labels 0 to 1). To fix: map the "
-         "labels to 0 to 1, or give the model as many labels as the data has (`num_labels`)."),
-        (float_labels, "The training batch fails in PyTorch too, so it is not an ONNX Runtime problem: Target size "
-         "(torch.Size([8])) must be the same as input size (torch.Size([8, 2])). To fix: correct the training data "
-         "(class labels from 0 to `num_labels` - 1, integer labels for a classifier, token ids below the vocabulary "
-         "size)."),
-        (ids_beyond_vocabulary, f"A training batch has token id {VOCAB + 4}, outside the model's vocabulary of "
-         f"{VOCAB} ids. To fix: tokenize with the model's tokenizer, or resize its embeddings "
-         "(`model.resize_token_embeddings`)."),
+        (
+            bad_labels,
+            "A training batch has label 5, but the model has 2 classes (labels 0 to 1). To fix: map the "
+            "labels to 0 to 1, or give the model as many labels as the data has (`num_labels`).",
+        ),
+        (
+            float_labels,
+            "The training batch fails in PyTorch too, so it is not an ONNX Runtime problem: Target size "
+            "(torch.Size([8])) must be the same as input size (torch.Size([8, 2])). To fix: correct the training data "
+            "(class labels from 0 to `num_labels` - 1, integer labels for a classifier, token ids below the "
+            "vocabulary "
+            "size).",
+        ),
+        (
+            ids_beyond_vocabulary,
+            f"A training batch has token id {VOCAB + 4}, outside the model's vocabulary of "
+            f"{VOCAB} ids. To fix: tokenize with the model's tokenizer, or resize its embeddings "
+            "(`model.resize_token_embeddings`).",
+        ),
     ],
 )
 def test_bad_training_data_is_a_data_error_not_an_ort_failure(corrupt, message, fallback, cpu_args, caplog):
@@ -174,8 +187,10 @@ def test_gradient_accumulation_4_by_2_equals_1_by_8_in_ort(cpu_args):
         trainers[batch].train()
         assert trained_in_ort(trainers[batch])
     assert_same_weights(trainers[2].model, trainers[8].model, atol=1e-5)
-    losses = {batch: [entry["train_loss"] for entry in trainer.state.log_history if "train_loss" in entry]
-              for batch, trainer in trainers.items()}
+    losses = {
+        batch: [entry["train_loss"] for entry in trainer.state.log_history if "train_loss" in entry]
+        for batch, trainer in trainers.items()
+    }
     assert losses[2] == pytest.approx(losses[8], abs=1e-5)
 
 

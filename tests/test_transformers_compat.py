@@ -12,6 +12,7 @@ from ort_trainer import ORTTrainer, ORTTrainingArguments, transformers_compat
 
 from .tiny_models import tiny_model
 
+
 PACKAGE = Path(transformers_compat.__file__).parent
 # Private attributes of transformers objects that the package reads or writes.
 PRIVATE_ATTRIBUTES = ("_attn_implementation",)

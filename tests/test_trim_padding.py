@@ -58,6 +58,8 @@ def test_trimming_in_pytorch_computes_fewer_tokens_to_the_same_results(head, cpu
 
 
 def test_the_old_option_name_still_works_and_says_it_is_deprecated(cpu_args):
-    with pytest.warns(FutureWarning, match="`--ort_trim_padding` is deprecated and will be removed: use `--trim_padding`"):
+    with pytest.warns(
+        FutureWarning, match="`--ort_trim_padding` is deprecated and will be removed: use `--trim_padding`"
+    ):
         args = cpu_args(ort_trim_padding=False)
     assert args.trim_padding is False and args.ort_trim_padding is None

@@ -15,6 +15,7 @@ from ort_trainer import ORTTrainer
 from ort_trainer import example_utils as utils
 from ort_trainer.metrics import GLUE_TASKS, glue_metrics
 
+
 TASK_TO_KEYS = {
     "cola": ("sentence", None),
     "mnli": ("premise", "hypothesis"),
@@ -39,7 +40,8 @@ class DataTrainingArguments(utils.DataPreparationArguments):
     test_file: str | None = field(default=None, metadata={"help": "A csv or json file of data to predict."})
     max_seq_length: int = field(default=128, metadata={"help": "Longer inputs are truncated, shorter ones padded."})
     pad_to_max_length: bool = field(
-        default=True, metadata={"help": "Pad every input to `max_seq_length`; otherwise pad each batch to its longest."}
+        default=True,
+        metadata={"help": "Pad every input to `max_seq_length`; otherwise pad each batch to its longest."},
     )
 
     def __post_init__(self):
@@ -115,12 +117,16 @@ def main():
     else:
         is_regression = label_feature.dtype in ("float32", "float64")
         # Label names are strings in a config (transformers validates label2id's keys as such).
-        label_list = None if is_regression else [str(label) for label in sorted(raw_datasets[labelled_split].unique("label"))]
+        label_list = (
+            None if is_regression else [str(label) for label in sorted(raw_datasets[labelled_split].unique("label"))]
+        )
     num_labels = 1 if is_regression else len(label_list)
 
     # Model and tokenizer.
     config = utils.load_config(model_args, num_labels=num_labels, finetuning_task=data_args.task_name)
-    training_texts = (text for key in (sentence1_key, sentence2_key) if key for text in raw_datasets[labelled_split][key])
+    training_texts = (
+        text for key in (sentence1_key, sentence2_key) if key for text in raw_datasets[labelled_split][key]
+    )
     tokenizer = utils.load_tokenizer(model_args, training_texts, config)
     if model_args.model_name_or_path is None:
         config.vocab_size, config.pad_token_id = len(tokenizer), tokenizer.pad_token_id
@@ -141,7 +147,9 @@ def main():
     padding = "max_length" if data_args.pad_to_max_length else False
 
     def preprocess(examples):
-        texts = (examples[sentence1_key],) if sentence2_key is None else (examples[sentence1_key], examples[sentence2_key])
+        texts = (
+            (examples[sentence1_key],) if sentence2_key is None else (examples[sentence1_key], examples[sentence2_key])
+        )
         result = tokenizer(*texts, padding=padding, max_length=max_seq_length, truncation=True)
         if label_to_id is not None and "label" in examples:
             result["label"] = [label_to_id.get(str(label), -1) for label in examples["label"]]
@@ -152,24 +160,39 @@ def main():
             preprocess, batched=True, load_from_cache_file=not data_args.overwrite_cache, desc="Tokenizing"
         )
     if label_to_id is not None:  # a column of string labels keeps its type: its ids come back as strings
-        raw_datasets = datasets.DatasetDict({
-            split: dataset.cast_column("label", datasets.Value("int64")) if "label" in dataset.column_names
-            else dataset for split, dataset in raw_datasets.items()
-        })
+        raw_datasets = datasets.DatasetDict(
+            {
+                split: dataset.cast_column("label", datasets.Value("int64"))
+                if "label" in dataset.column_names
+                else dataset
+                for split, dataset in raw_datasets.items()
+            }
+        )
 
     train_dataset = utils.cap(raw_datasets["train"], data_args.max_train_samples) if training_args.do_train else None
-    eval_splits = {"": "validation_matched", "mm": "validation_mismatched"} if data_args.task_name == "mnli" else {"": "validation"}
+    eval_splits = (
+        {"": "validation_matched", "mm": "validation_mismatched"}
+        if data_args.task_name == "mnli"
+        else {"": "validation"}
+    )
     predict_splits = {"": "test_matched", "mm": "test_mismatched"} if data_args.task_name == "mnli" else {"": "test"}
     for wanted, splits in ((training_args.do_eval, eval_splits), (training_args.do_predict, predict_splits)):
         missing = [split for split in splits.values() if wanted and split not in raw_datasets]
         if missing:
             raise ValueError(f"No {missing[0]} data: give `--{missing[0].split('_')[0]}_file`.")
-    eval_datasets = {
-        suffix: utils.cap(raw_datasets[split], data_args.max_eval_samples) for suffix, split in eval_splits.items()
-    } if training_args.do_eval else {}
-    predict_datasets = {
-        suffix: utils.cap(raw_datasets[split], data_args.max_predict_samples) for suffix, split in predict_splits.items()
-    } if training_args.do_predict else {}
+    eval_datasets = (
+        {suffix: utils.cap(raw_datasets[split], data_args.max_eval_samples) for suffix, split in eval_splits.items()}
+        if training_args.do_eval
+        else {}
+    )
+    predict_datasets = (
+        {
+            suffix: utils.cap(raw_datasets[split], data_args.max_predict_samples)
+            for suffix, split in predict_splits.items()
+        }
+        if training_args.do_predict
+        else {}
+    )
 
     # Metrics.
     def compute_metrics(prediction: EvalPrediction):

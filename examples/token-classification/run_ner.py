@@ -17,6 +17,7 @@ from ort_trainer import ORTTrainer
 from ort_trainer import example_utils as utils
 from ort_trainer.metrics import seqeval_metrics
 
+
 logger = logging.getLogger(__name__)
 
 
@@ -34,13 +35,16 @@ class DataTrainingArguments(utils.DataPreparationArguments):
         default=None, metadata={"help": "The column of word lists (default: `tokens`, else the first column)."}
     )
     label_column_name: str | None = field(
-        default=None, metadata={"help": "The column of tag lists (default: `<task_name>_tags`, else the second column)."}
+        default=None,
+        metadata={"help": "The column of tag lists (default: `<task_name>_tags`, else the second column)."},
     )
     max_seq_length: int | None = field(
-        default=None, metadata={"help": "Longer inputs are truncated (words cut off are reported). Default: the model's."}
+        default=None,
+        metadata={"help": "Longer inputs are truncated (words cut off are reported). Default: the model's."},
     )
     pad_to_max_length: bool = field(
-        default=False, metadata={"help": "Pad every input to `max_seq_length`; otherwise pad each batch to its longest."}
+        default=False,
+        metadata={"help": "Pad every input to `max_seq_length`; otherwise pad each batch to its longest."},
     )
     label_all_tokens: bool = field(
         default=False,
@@ -58,7 +62,9 @@ class DataTrainingArguments(utils.DataPreparationArguments):
 def column_names(data_args, columns):
     text = data_args.text_column_name or ("tokens" if "tokens" in columns else columns[0])
     label = data_args.label_column_name or (
-        f"{data_args.task_name}_tags" if f"{data_args.task_name}_tags" in columns else columns[1 if len(columns) > 1 else 0]
+        f"{data_args.task_name}_tags"
+        if f"{data_args.task_name}_tags" in columns
+        else columns[1 if len(columns) > 1 else 0]
     )
     for kind, name in (("text", text), ("label", label)):
         if name not in columns:
@@ -118,15 +124,23 @@ def main():
     check_rows(raw_datasets, text_column, label_column, label_list)
     label_to_id = {label: index for index, label in enumerate(label_list)}
     # For --label_all_tokens: the I- label that continues each B- label.
-    b_to_i = [label_to_id.get(f"I-{label[2:]}", index) if label.startswith("B-") else index for index, label in enumerate(label_list)]
+    b_to_i = [
+        label_to_id.get(f"I-{label[2:]}", index) if label.startswith("B-") else index
+        for index, label in enumerate(label_list)
+    ]
 
     # Model and tokenizer.
     config = utils.load_config(
-        model_args, num_labels=len(label_list), finetuning_task=data_args.task_name,
-        label2id=label_to_id, id2label=dict(enumerate(label_list)),
+        model_args,
+        num_labels=len(label_list),
+        finetuning_task=data_args.task_name,
+        label2id=label_to_id,
+        id2label=dict(enumerate(label_list)),
     )
     words = (" ".join(row) for row in raw_datasets[labelled_split][text_column])
-    tokenizer = utils.load_tokenizer(model_args, words, config, add_prefix_space=config.model_type in {"roberta", "gpt2", "bloom"})
+    tokenizer = utils.load_tokenizer(
+        model_args, words, config, add_prefix_space=config.model_type in {"roberta", "gpt2", "bloom"}
+    )
     if not tokenizer.is_fast:
         raise ValueError(
             f"run_ner.py aligns labels with a fast tokenizer's word ids, and {type(tokenizer).__name__} is slow. "
@@ -142,11 +156,16 @@ def main():
 
     def tokenize(examples):
         encoded = tokenizer(
-            examples[text_column], padding=padding, truncation=True, max_length=max_seq_length, is_split_into_words=True
+            examples[text_column],
+            padding=padding,
+            truncation=True,
+            max_length=max_seq_length,
+            is_split_into_words=True,
         )
         # Which word each piece belongs to (-1: special token), to write one tag per word and count cut words.
         encoded["word_ids"] = [
-            [-1 if word is None else word for word in encoded.word_ids(index)] for index in range(len(examples[text_column]))
+            [-1 if word is None else word for word in encoded.word_ids(index)]
+            for index in range(len(examples[text_column]))
         ]
         if label_column in examples:
             encoded["labels"] = [
@@ -160,11 +179,16 @@ def main():
             tokenize, batched=True, load_from_cache_file=not data_args.overwrite_cache, desc="Tokenizing"
         )
     for split in tokenized:
-        cut = sum(len(words) - len(set(ids) - {-1}) for words, ids in zip(tokenized[split][text_column], tokenized[split]["word_ids"]))
+        cut = sum(
+            len(words) - len(set(ids) - {-1})
+            for words, ids in zip(tokenized[split][text_column], tokenized[split]["word_ids"])
+        )
         if cut:
             logger.warning(
                 "%d words of the %s data were cut off by `--max_seq_length %d`; they are tagged O in predictions.",
-                cut, split, max_seq_length,
+                cut,
+                split,
+                max_seq_length,
             )
 
     wanted = {"train": training_args.do_train, "validation": training_args.do_eval, "test": training_args.do_predict}

@@ -16,16 +16,17 @@ from datasets import Translation
 from transformers import (
     AutoModelForSeq2SeqLM,
     DataCollatorForSeq2Seq,
+    M2M100Tokenizer,
     MBart50Tokenizer,
     MBart50TokenizerFast,
     MBartTokenizer,
     MBartTokenizerFast,
-    M2M100Tokenizer,
 )
 
 from ort_trainer import ORTSeq2SeqTrainingArguments, Seq2SeqORTTrainer
 from ort_trainer import example_utils as utils
 from ort_trainer.metrics import sacrebleu_metrics
+
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,9 @@ class DataTrainingArguments(utils.DataPreparationArguments):
     source_lang: str | None = field(default=None, metadata={"help": "Source language id, e.g. en."})
     target_lang: str | None = field(default=None, metadata={"help": "Target language id, e.g. ro."})
     dataset_name: str | None = field(default=None, metadata={"help": "A Hub data set, e.g. wmt16."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "The data set's configuration, e.g. ro-en."})
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "The data set's configuration, e.g. ro-en."}
+    )
     train_file: str | None = field(default=None, metadata={"help": "A jsonlines file of training pairs."})
     validation_file: str | None = field(default=None, metadata={"help": "A jsonlines file of validation pairs."})
     test_file: str | None = field(default=None, metadata={"help": "A jsonlines file of pairs to translate."})
@@ -51,11 +54,14 @@ class DataTrainingArguments(utils.DataPreparationArguments):
     )
     val_max_target_length: int | None = field(
         default=None,
-        metadata={"help": "`max_target_length` of validation and test, and generation's `max_length` in evaluation "
-                  "unless `--generation_max_length` is given. Default: `max_target_length`."},
+        metadata={
+            "help": "`max_target_length` of validation and test, and generation's `max_length` in evaluation "
+            "unless `--generation_max_length` is given. Default: `max_target_length`."
+        },
     )
     pad_to_max_length: bool = field(
-        default=False, metadata={"help": "Pad every text to its maximum length; otherwise pad each batch to its longest."}
+        default=False,
+        metadata={"help": "Pad every text to its maximum length; otherwise pad each batch to its longest."},
     )
     num_beams: int | None = field(
         default=None, metadata={"help": "Beams in evaluation and prediction (default: `--generation_num_beams`)."}
@@ -64,12 +70,15 @@ class DataTrainingArguments(utils.DataPreparationArguments):
         default=True, metadata={"help": "Leave the label padding out of the loss (with `--pad_to_max_length`)."}
     )
     source_prefix: str | None = field(
-        default=None, metadata={"help": "Text put before every source text, e.g. 'translate English to German: ' for T5."}
+        default=None,
+        metadata={"help": "Text put before every source text, e.g. 'translate English to German: ' for T5."},
     )
     forced_bos_token: str | None = field(
         default=None,
-        metadata={"help": "Token forced first in generation, for multilingual models such as mBART-50 (its language "
-                  "code, e.g. ro_RO)."},
+        metadata={
+            "help": "Token forced first in generation, for multilingual models such as mBART-50 (its language "
+            "code, e.g. ro_RO)."
+        },
     )
 
     def __post_init__(self):
@@ -90,7 +99,9 @@ def check_languages(raw_datasets, source_lang: str, target_lang: str) -> None:
     declare their languages (a `Translation` feature) and are checked by that alone."""
     for split, dataset in raw_datasets.items():
         if "translation" not in dataset.column_names:
-            raise ValueError(f"The {split} data has no `translation` column (columns: {', '.join(dataset.column_names)}).")
+            raise ValueError(
+                f"The {split} data has no `translation` column (columns: {', '.join(dataset.column_names)})."
+            )
         feature = dataset.features["translation"]
         pairs = None if isinstance(feature, Translation) else dataset["translation"]
         if pairs is None:
@@ -161,32 +172,46 @@ def main():
             label_ids = [[(token if token != tokenizer.pad_token_id else -100) for token in row] for row in label_ids]
         model_inputs["labels"] = label_ids
         # Targets cut by the maximum length, counted for a warning.
-        model_inputs["target_truncated"] = [len(ids) > max_target_length for ids in tokenizer(text_target=targets)["input_ids"]]
+        model_inputs["target_truncated"] = [
+            len(ids) > max_target_length for ids in tokenizer(text_target=targets)["input_ids"]
+        ]
         return model_inputs
 
     wanted = {"train": training_args.do_train, "validation": training_args.do_eval, "test": training_args.do_predict}
     for split, asked in wanted.items():
         if asked and split not in raw_datasets:
             raise ValueError(f"No {split} data: give `--{split}_file`.")
-    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples,
-              "test": data_args.max_predict_samples}
-    target_lengths = {"train": data_args.max_target_length, "validation": data_args.val_max_target_length,
-                      "test": data_args.val_max_target_length}
+    limits = {
+        "train": data_args.max_train_samples,
+        "validation": data_args.max_eval_samples,
+        "test": data_args.max_predict_samples,
+    }
+    target_lengths = {
+        "train": data_args.max_target_length,
+        "validation": data_args.val_max_target_length,
+        "test": data_args.val_max_target_length,
+    }
     tokenized = {}
     for split, asked in wanted.items():
         if not asked:
             continue
         with training_args.main_process_first(desc=f"{split} dataset map pre-processing"):
             tokenized[split] = utils.cap(raw_datasets[split], limits[split]).map(
-                preprocess, batched=True, fn_kwargs={"max_target_length": target_lengths[split]},
-                num_proc=data_args.preprocessing_num_workers, remove_columns=raw_datasets[split].column_names,
-                load_from_cache_file=not data_args.overwrite_cache, desc=f"Tokenizing the {split} data",
+                preprocess,
+                batched=True,
+                fn_kwargs={"max_target_length": target_lengths[split]},
+                num_proc=data_args.preprocessing_num_workers,
+                remove_columns=raw_datasets[split].column_names,
+                load_from_cache_file=not data_args.overwrite_cache,
+                desc=f"Tokenizing the {split} data",
             )
         truncated = sum(tokenized[split]["target_truncated"])
         if truncated:
             logger.warning(
                 "%d target texts of the %s data are longer than %d tokens and were truncated.",
-                truncated, split, target_lengths[split],
+                truncated,
+                split,
+                target_lengths[split],
             )
         tokenized[split] = tokenized[split].remove_columns("target_truncated")
 
@@ -206,7 +231,9 @@ def main():
 
     label_pad_token_id = -100 if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id
     collator = DataCollatorForSeq2Seq(
-        tokenizer, model=model, label_pad_token_id=label_pad_token_id,
+        tokenizer,
+        model=model,
+        label_pad_token_id=label_pad_token_id,
         pad_to_multiple_of=8 if training_args.fp16 else None,
     )
     trainer = Seq2SeqORTTrainer(
@@ -226,7 +253,9 @@ def main():
     if training_args.do_eval:
         utils.evaluate(trainer, {"": tokenized["validation"]}, max_length=max_length, num_beams=num_beams)
     if training_args.do_predict:
-        output = trainer.predict(tokenized["test"], metric_key_prefix="predict", max_length=max_length, num_beams=num_beams)
+        output = trainer.predict(
+            tokenized["test"], metric_key_prefix="predict", max_length=max_length, num_beams=num_beams
+        )
         metrics = dict(output.metrics, predict_samples=len(tokenized["test"]))
         trainer.log_metrics("predict", metrics)
         trainer.save_metrics("predict", metrics)
@@ -234,8 +263,11 @@ def main():
             with open(f"{training_args.output_dir}/generated_predictions.txt", "w", encoding="utf-8") as writer:
                 writer.write("\n".join(decode(output.predictions)) + "\n")
     trainer.create_model_card(
-        finetuned_from=model_args.model_name_or_path, tasks="translation", language=[source_lang, target_lang],
-        dataset_tags=data_args.dataset_name, dataset=data_args.dataset_name,
+        finetuned_from=model_args.model_name_or_path,
+        tasks="translation",
+        language=[source_lang, target_lang],
+        dataset_tags=data_args.dataset_name,
+        dataset=data_args.dataset_name,
     )
 
 

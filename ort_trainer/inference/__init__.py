@@ -14,13 +14,20 @@ from .export import ONNXExportError
 from .model import InferenceModel
 from .quantization import agreement
 from .seq2seq import Seq2SeqLM
-from .session import warn_once, select_provider
+from .session import select_provider, warn_once
+
 
 # Tried in order: the first whose `supports(model)` is true loads the model's sessions.
 HEADS = (Seq2SeqLM, CausalLM, Classifier)
 
 __all__ = [
-    "HEADS", "InferenceModel", "ONNXExportError", "agreement", "load_for_inference", "select_provider", "supports",
+    "HEADS",
+    "InferenceModel",
+    "ONNXExportError",
+    "agreement",
+    "load_for_inference",
+    "select_provider",
+    "supports",
 ]
 
 

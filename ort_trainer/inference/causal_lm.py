@@ -22,6 +22,7 @@ from .model import InferenceModel
 from .seq2seq import SELF_ATTENTION, pairs, past_names
 from .session import ONNXModel, convert_to_fp16, session_target, summed_axis
 
+
 GRAPHS = ("decoder", "decoder_with_past")
 
 
@@ -35,10 +36,17 @@ class _Decoder(torch.nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, *past):
         cache = FilledCache(pairs(past)) if self.with_past else DynamicCache()
         outputs = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-            return_dict=True, **cache_argument(cache),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            return_dict=True,
+            **cache_argument(cache),
         )
-        return (outputs.logits, *(tensor for layer in self_attention_layers(output_cache(outputs)) for tensor in layer))
+        return (
+            outputs.logits,
+            *(tensor for layer in self_attention_layers(output_cache(outputs)) for tensor in layer),
+        )
 
 
 def _positions(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
@@ -62,18 +70,31 @@ def export_causal_lm(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
         inputs = ["input_ids", "attention_mask", "position_ids"]
         specs = {
             "decoder": GraphSpec(
-                decoder, (input_ids, attention_mask, _positions(attention_mask, input_ids.shape[1])), inputs,
+                decoder,
+                (input_ids, attention_mask, _positions(attention_mask, input_ids.shape[1])),
+                inputs,
                 ["logits", *self_present],
-                {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-                 "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
+                {
+                    "input_ids": {0: "batch", 1: "sequence"},
+                    "attention_mask": {0: "batch", 1: "sequence"},
+                    "position_ids": {0: "batch", 1: "sequence"},
+                    "logits": {0: "batch", 1: "sequence"},
+                }
                 | axes(self_present, "sequence"),
             ),
             "decoder_with_past": GraphSpec(
-                decoder_with_past, (input_ids[:, :1], step_mask, _positions(step_mask, 1), *present),
-                [*inputs, *self_past], ["logits", *self_present],
-                {"input_ids": {0: "batch", 1: "step"}, "attention_mask": {0: "batch", 1: summed_axis("past", "step")},
-                 "position_ids": {0: "batch", 1: "step"}, "logits": {0: "batch", 1: "step"}}
-                | axes(self_past, "past") | axes(self_present, summed_axis("past", "step")),
+                decoder_with_past,
+                (input_ids[:, :1], step_mask, _positions(step_mask, 1), *present),
+                [*inputs, *self_past],
+                ["logits", *self_present],
+                {
+                    "input_ids": {0: "batch", 1: "step"},
+                    "attention_mask": {0: "batch", 1: summed_axis("past", "step")},
+                    "position_ids": {0: "batch", 1: "step"},
+                    "logits": {0: "batch", 1: "step"},
+                }
+                | axes(self_past, "past")
+                | axes(self_present, summed_axis("past", "step")),
             ),
         }
         for name, spec in specs.items():
@@ -92,7 +113,9 @@ class CausalLM(InferenceModel):
     def supports(model: torch.nn.Module) -> bool:
         config = getattr(model, "config", None)
         return (
-            config is not None and not config.is_encoder_decoder and model.can_generate()
+            config is not None
+            and not config.is_encoder_decoder
+            and model.can_generate()
             and any(cls.__name__.endswith(("LMHeadModel", "ForCausalLM")) for cls in type(model).__mro__)
         )
 
@@ -114,13 +137,15 @@ class CausalLM(InferenceModel):
         precision = "fp16" if fp16 else "fp32"
         return cls(*(ONNXModel.open(directory / graph, provider, device, precision) for graph in graphs))
 
-    def forward(self, model, input_ids=None, attention_mask=None, position_ids=None, labels=None, use_cache=None,
-                **kwargs):
+    def forward(
+        self, model, input_ids=None, attention_mask=None, position_ids=None, labels=None, use_cache=None, **kwargs
+    ):
         cache = given_cache(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         if attention_mask is None:
-            attention_mask = torch.ones(input_ids.shape[0], past + input_ids.shape[1], dtype=torch.long,
-                                        device=input_ids.device)
+            attention_mask = torch.ones(
+                input_ids.shape[0], past + input_ids.shape[1], dtype=torch.long, device=input_ids.device
+            )
         if position_ids is None:  # as the model numbers them: on from the past
             position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}

@@ -12,7 +12,8 @@ from . import fusion
 from .export import evaluating, export_key, export_module, reuse_or_export
 from .model import InferenceModel
 from .quantization import quantize_dynamic_int8
-from .session import ONNXModel, warn_once, convert_to_fp16, session_target
+from .session import ONNXModel, convert_to_fp16, session_target, warn_once
+
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +84,15 @@ class Classifier(InferenceModel):
         return classifier_head(model) is not None
 
     @classmethod
-    def load(cls, model, sample_inputs: dict, directory: Path, fp16: bool = False, quantize: bool = False,
-             optimize: bool = True) -> "Classifier":
+    def load(
+        cls,
+        model,
+        sample_inputs: dict,
+        directory: Path,
+        fp16: bool = False,
+        quantize: bool = False,
+        optimize: bool = True,
+    ) -> "Classifier":
         """Exported into `directory` (reused while the weights and config are unchanged), fused when the fused graph
         gives the same outputs on `sample_inputs`, in fp16 when `fp16` and running on CUDA (inputs and outputs keep
         their types), or in dynamic int8 when `quantize` and running on the CPU."""

@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+
 OPSET = 17
 
 
@@ -39,8 +40,16 @@ def export_module(module, inputs, input_names: list, output_names: list, dynamic
             # The tracer warns of every Python value it records; the graphs are tested on other shapes than traced.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(
-                module, args, str(path), kwargs=kwargs, input_names=input_names, output_names=output_names,
-                dynamic_axes=dynamic_axes, opset_version=OPSET, do_constant_folding=True, dynamo=False,
+                module,
+                args,
+                str(path),
+                kwargs=kwargs,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,
             )
     except Exception as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -70,7 +79,10 @@ def export_key(model: torch.nn.Module, **settings) -> dict:
     from .. import __version__
 
     return {
-        "fingerprint": fingerprint(model), "opset": OPSET, "torch": torch.__version__, "ort_trainer": __version__,
+        "fingerprint": fingerprint(model),
+        "opset": OPSET,
+        "torch": torch.__version__,
+        "ort_trainer": __version__,
     } | settings
 
 

@@ -12,10 +12,17 @@ import torch
 from .. import transformers_compat
 from .session import ONNXModel
 
+
 logger = logging.getLogger(__name__)
 
 # Model types whose graphs ORT's transformer optimizer fuses, and the fusion recipe it uses for them.
-OPTIMIZER_MODEL_TYPES = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "distilbert": "bert", "electra": "bert"}
+OPTIMIZER_MODEL_TYPES = {
+    "bert": "bert",
+    "roberta": "bert",
+    "xlm-roberta": "bert",
+    "distilbert": "bert",
+    "electra": "bert",
+}
 FUSABLE_ATTENTION = "ort_fusable"
 # How far fused kernels may move fp32 logits: CUDA's reorder sums more than the CPU's.
 FUSION_TOLERANCE = {"CPUExecutionProvider": 1e-4, "CUDAExecutionProvider": 1e-3}
@@ -79,8 +86,12 @@ def fuse(fusable: Path, config, provider: str, fused: Path) -> None:
     hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", 0)
     _name_head_count(fusable, heads, hidden // heads)
     optimized = optimize_model(
-        str(fusable), model_type=OPTIMIZER_MODEL_TYPES[config.model_type], num_heads=heads, hidden_size=hidden,
-        use_gpu=provider == "CUDAExecutionProvider", opt_level=0,
+        str(fusable),
+        model_type=OPTIMIZER_MODEL_TYPES[config.model_type],
+        num_heads=heads,
+        hidden_size=hidden,
+        use_gpu=provider == "CUDAExecutionProvider",
+        opt_level=0,
     )
     optimized.save_model_to_file(str(fused))
     fusable.unlink()

@@ -35,7 +35,9 @@ class InferenceModel:
     def replacements(self, model: torch.nn.Module) -> dict:
         """The model's methods to replace while running: `forward`, with the model's signature, which `generate`
         checks its arguments against."""
-        return {"forward": functools.wraps(model.forward)(lambda *args, **kwargs: self.forward(model, *args, **kwargs))}
+        return {
+            "forward": functools.wraps(model.forward)(lambda *args, **kwargs: self.forward(model, *args, **kwargs))
+        }
 
     @contextlib.contextmanager
     def running(self, model: torch.nn.Module):

@@ -27,6 +27,7 @@ from .export import GraphSpec, evaluating, export_key, reuse_or_export
 from .model import InferenceModel
 from .session import ONNXModel, convert_to_fp16, session_target, summed_axis
 
+
 GRAPHS = ("encoder", "cross_attention", "decoder", "decoder_with_past")
 SELF_ATTENTION, CROSS_ATTENTION = ("key", "value"), ("cross_key", "cross_value")
 
@@ -85,8 +86,11 @@ class _Decoder(torch.nn.Module):
         else:
             self_attention, cross_attention = DynamicCache(), FilledCache(pairs(past))
         outputs = self.model(
-            decoder_input_ids=decoder_input_ids, attention_mask=encoder_attention_mask,
-            encoder_outputs=(encoder_hidden_states,), use_cache=True, return_dict=True,
+            decoder_input_ids=decoder_input_ids,
+            attention_mask=encoder_attention_mask,
+            encoder_outputs=(encoder_hidden_states,),
+            use_cache=True,
+            return_dict=True,
             **cache_argument(encoder_decoder_cache(self_attention, cross_attention)),
         )
         present = [tensor for layer in self_attention_layers(output_cache(outputs)) for tensor in layer]
@@ -122,23 +126,39 @@ def _graph_specs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
 
     return {
         "encoder": GraphSpec(
-            encoder, (input_ids, attention_mask), ["input_ids", "attention_mask"], ["last_hidden_state"],
+            encoder,
+            (input_ids, attention_mask),
+            ["input_ids", "attention_mask"],
+            ["last_hidden_state"],
             {"input_ids": sequence, "attention_mask": sequence, "last_hidden_state": sequence},
         ),
         "cross_attention": GraphSpec(
-            cross_attention, (hidden,), ["encoder_hidden_states"], cross_present,
+            cross_attention,
+            (hidden,),
+            ["encoder_hidden_states"],
+            cross_present,
             {"encoder_hidden_states": sequence} | axes(cross_present, "source"),
         ),
         "decoder": GraphSpec(
-            decoder, (start, attention_mask, hidden, *cross), [*decoder_inputs, *cross_past], ["logits", *self_present],
-            decoder_axes | {"decoder_input_ids": {0: "batch", 1: "target"}, "logits": {0: "batch", 1: "target"}}
-            | axes(cross_past, "source") | axes(self_present, "target"),
+            decoder,
+            (start, attention_mask, hidden, *cross),
+            [*decoder_inputs, *cross_past],
+            ["logits", *self_present],
+            decoder_axes
+            | {"decoder_input_ids": {0: "batch", 1: "target"}, "logits": {0: "batch", 1: "target"}}
+            | axes(cross_past, "source")
+            | axes(self_present, "target"),
         ),
         "decoder_with_past": GraphSpec(
-            decoder_with_past, (start[:, :1], attention_mask, hidden, *past),
-            [*decoder_inputs, *past_names(layers, "past", SELF_ATTENTION + CROSS_ATTENTION)], ["logits", *self_present],
-            decoder_axes | {"decoder_input_ids": {0: "batch", 1: "step"}, "logits": {0: "batch", 1: "step"}}
-            | axes(cross_past, "source") | axes(self_past, "past") | axes(self_present, summed_axis("past", "step")),
+            decoder_with_past,
+            (start[:, :1], attention_mask, hidden, *past),
+            [*decoder_inputs, *past_names(layers, "past", SELF_ATTENTION + CROSS_ATTENTION)],
+            ["logits", *self_present],
+            decoder_axes
+            | {"decoder_input_ids": {0: "batch", 1: "step"}, "logits": {0: "batch", 1: "step"}}
+            | axes(cross_past, "source")
+            | axes(self_past, "past")
+            | axes(self_present, summed_axis("past", "step")),
         ),
     }
 
@@ -175,9 +195,14 @@ class Seq2SeqLM(InferenceModel):
 
     runs = "Evaluation and generation"
 
-    def __init__(self, encoder: ONNXModel, cross_attention: ONNXModel, decoder: ONNXModel, decoder_with_past: ONNXModel):
+    def __init__(
+        self, encoder: ONNXModel, cross_attention: ONNXModel, decoder: ONNXModel, decoder_with_past: ONNXModel
+    ):
         self.encoder, self.cross_attention, self.decoder, self.decoder_with_past = self.sessions = (
-            encoder, cross_attention, decoder, decoder_with_past,
+            encoder,
+            cross_attention,
+            decoder,
+            decoder_with_past,
         )
 
     @staticmethod
@@ -221,7 +246,8 @@ class Seq2SeqLM(InferenceModel):
         """Logits for `decoder_input_ids` and the cache with their keys and values: the first step when `cache`
         is empty, else one step per new token with the cached ones (the session returns the past with the new)."""
         inputs = {
-            "decoder_input_ids": decoder_input_ids, "encoder_attention_mask": encoder_attention_mask,
+            "decoder_input_ids": decoder_input_ids,
+            "encoder_attention_mask": encoder_attention_mask,
             "encoder_hidden_states": encoder_outputs[0],
         }
         if cache is None or cache.get_seq_length() == 0:
@@ -237,14 +263,24 @@ class Seq2SeqLM(InferenceModel):
             cache.self_attention_cache.update(key, value, layer)
         return logits, cache
 
-    def forward(self, model, input_ids=None, attention_mask=None, decoder_input_ids=None, encoder_outputs=None,
-                labels=None, **kwargs):
+    def forward(
+        self,
+        model,
+        input_ids=None,
+        attention_mask=None,
+        decoder_input_ids=None,
+        encoder_outputs=None,
+        labels=None,
+        **kwargs,
+    ):
         if encoder_outputs is None:
             encoder_outputs = self.encode(input_ids, attention_mask)
         if decoder_input_ids is None:
             decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)
         logits, cache = self.decode(decoder_input_ids, attention_mask, encoder_outputs, given_cache(kwargs))
-        loss = None if labels is None else transformers_compat.head_loss("ForConditionalGeneration", logits, labels, None)
+        loss = (
+            None if labels is None else transformers_compat.head_loss("ForConditionalGeneration", logits, labels, None)
+        )
         return Seq2SeqLMOutput(
             loss=loss, logits=logits, encoder_last_hidden_state=encoder_outputs[0], **cache_argument(cache)
         )

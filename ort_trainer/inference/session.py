@@ -13,6 +13,7 @@ import torch
 from .. import threads
 from ..import_utils import is_onnxruntime_available, onnxruntime_providers
 
+
 logger = logging.getLogger(__name__)
 
 ONNX_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64}
@@ -134,7 +135,9 @@ class ONNXModel:
         device_id = self.device.index or 0
         for name, tensor in feeds.items():
             tensor = feeds[name] = tensor.contiguous()
-            binding.bind_input(name, "cuda", device_id, NUMPY_TYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr())
+            binding.bind_input(
+                name, "cuda", device_id, NUMPY_TYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr()
+            )
         outputs = {}
         for name, (shape, dtype) in self._output_shapes(feeds).items():
             outputs[name] = torch.empty(shape, dtype=dtype, device=self.device)
@@ -156,4 +159,6 @@ class ONNXModel:
         sizes = {}
         for name, axes in input_axes.items():
             sizes |= {axis: size for axis, size in zip(axes, feeds[name].shape) if isinstance(axis, str)}
-        return {name: ([_axis_size(axis, sizes) for axis in axes], dtype) for name, (axes, dtype) in output_axes.items()}
+        return {
+            name: ([_axis_size(axis, sizes) for axis in axes], dtype) for name, (axes, dtype) in output_axes.items()
+        }

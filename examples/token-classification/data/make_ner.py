@@ -7,17 +7,46 @@ import json
 import random
 from pathlib import Path
 
+
 FIRST = ["John", "Maria", "Ahmed", "Li", "Sofia", "Jordan", "Paris", "Grace", "Omar", "Elena", "Victor", "Chen"]
 LAST = ["Smith", "Garcia", "Khan", "Wei", "Rossi", "Washington", "Ford", "Turner", "Novak", "Okafor", "Berg", "Silva"]
 ORGS = [
-    ["Apple"], ["Amazon"], ["Ford"], ["United", "Nations"], ["Bank", "of", "England"], ["Red", "Cross"],
-    ["Acme", "Corporation"], ["Reuters"], ["World", "Health", "Organization"], ["Siemens"], ["Real", "Madrid"],
+    ["Apple"],
+    ["Amazon"],
+    ["Ford"],
+    ["United", "Nations"],
+    ["Bank", "of", "England"],
+    ["Red", "Cross"],
+    ["Acme", "Corporation"],
+    ["Reuters"],
+    ["World", "Health", "Organization"],
+    ["Siemens"],
+    ["Real", "Madrid"],
 ]
 LOCS = [
-    ["Paris"], ["Jordan"], ["Washington"], ["New", "York"], ["Berlin"], ["Lagos"], ["Amazon", "basin"], ["Turkey"],
-    ["Rio", "de", "Janeiro"], ["Kyoto"], ["Lake", "Victoria"], ["Chile"],
+    ["Paris"],
+    ["Jordan"],
+    ["Washington"],
+    ["New", "York"],
+    ["Berlin"],
+    ["Lagos"],
+    ["Amazon", "basin"],
+    ["Turkey"],
+    ["Rio", "de", "Janeiro"],
+    ["Kyoto"],
+    ["Lake", "Victoria"],
+    ["Chile"],
 ]
-MISC = [["French"], ["German"], ["Olympic", "Games"], ["World", "Cup"], ["Christmas"], ["Nobel", "Prize"], ["Chilean"], ["Turkish"]]
+MISC = [
+    ["French"],
+    ["German"],
+    ["Olympic", "Games"],
+    ["World", "Cup"],
+    ["Christmas"],
+    ["Nobel", "Prize"],
+    ["Chilean"],
+    ["Turkish"],
+]
 # Words that are entities elsewhere, used here as plain words.
 PLAIN = [["an", "apple"], ["the", "turkey"], ["a", "ford", "across", "the", "river"], ["the", "victor"]]
 
@@ -53,8 +82,13 @@ def sentence(rng):
             tokens.append(word)
             tags.append("O")
             continue
-        words = {"PER": person(rng), "ORG": rng.choice(ORGS), "LOC": rng.choice(LOCS), "MISC": rng.choice(MISC),
-                 "PLAIN": rng.choice(PLAIN)}[kind]
+        words = {
+            "PER": person(rng),
+            "ORG": rng.choice(ORGS),
+            "LOC": rng.choice(LOCS),
+            "MISC": rng.choice(MISC),
+            "PLAIN": rng.choice(PLAIN),
+        }[kind]
         tokens.extend(words)
         tags.extend(["O"] * len(words) if kind == "PLAIN" else [f"B-{kind}"] + [f"I-{kind}"] * (len(words) - 1))
     return tokens, tags

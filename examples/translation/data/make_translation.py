@@ -11,17 +11,30 @@ import json
 import random
 from pathlib import Path
 
+
 # English singular, English plural, Toy singular, Toy plural.
 NOUNS = [
-    ("dog", "dogs", "hundo", "hundoj"), ("cat", "cats", "kato", "katoj"), ("bird", "birds", "pajo", "pajoj"),
-    ("child", "children", "nino", "ninaro"), ("mouse", "mice", "muso", "musen"), ("man", "men", "viro", "viroj"),
-    ("woman", "women", "vina", "vinaj"), ("teacher", "teachers", "dosto", "dostoj"),
-    ("farmer", "farmers", "kampo", "kampoj"), ("horse", "horses", "ceva", "cevaj"),
+    ("dog", "dogs", "hundo", "hundoj"),
+    ("cat", "cats", "kato", "katoj"),
+    ("bird", "birds", "pajo", "pajoj"),
+    ("child", "children", "nino", "ninaro"),
+    ("mouse", "mice", "muso", "musen"),
+    ("man", "men", "viro", "viroj"),
+    ("woman", "women", "vina", "vinaj"),
+    ("teacher", "teachers", "dosto", "dostoj"),
+    ("farmer", "farmers", "kampo", "kampoj"),
+    ("horse", "horses", "ceva", "cevaj"),
 ]
 PLACES = [("garden", "gardeno"), ("house", "domo"), ("river", "riveru"), ("city", "urbo"), ("forest", "arbaro")]
 # English adjective, Toy singular, Toy plural.
-ADJECTIVES = [("big", "granda", "grandaj"), ("small", "eta", "etaj"), ("old", "malnova", "malnovaj"),
-              ("happy", "feliza", "felizaj"), ("black", "nigra", "nigraj"), ("red", "ruga", "rugaj")]
+ADJECTIVES = [
+    ("big", "granda", "grandaj"),
+    ("small", "eta", "etaj"),
+    ("old", "malnova", "malnovaj"),
+    ("happy", "feliza", "felizaj"),
+    ("black", "nigra", "nigraj"),
+    ("red", "ruga", "rugaj"),
+]
 # English (3rd singular, plural, past, base), Toy (present singular, present plural, past).
 VERBS = [
     (("sees", "see", "saw", "see"), ("vidas", "vidan", "vidis")),
@@ -32,7 +45,10 @@ VERBS = [
     (("finds", "find", "found", "find"), ("trovas", "trovan", "trovis")),
 ]
 # Verbs without an object, with a place: "goes to", Toy irregular "iri".
-MOTION = [(("goes", "go", "went", "go"), ("va", "van", "iris")), (("runs", "run", "ran", "run"), ("kuras", "kuran", "kuris"))]
+MOTION = [
+    (("goes", "go", "went", "go"), ("va", "van", "iris")),
+    (("runs", "run", "ran", "run"), ("kuras", "kuran", "kuris")),
+]
 TIMES = [("yesterday", "hieru"), ("today", "hodiu"), ("often", "ofte")]
 
 
