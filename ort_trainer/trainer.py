@@ -331,7 +331,12 @@ class ORTTrainer(TokenCountingMixin, Trainer):
         elif self.args.use_ort:
             inputs = self._ort_training_inputs(inputs)
         inputs = self._trimmed(inputs)
-        if self.args.use_ort and self._backend == "compile" and self._pytorch_fallback is None:
+        if (
+            self.args.use_ort
+            and self._backend == "compile"
+            and self._pytorch_fallback is None
+            and self._can_trim_padding()
+        ):
             inputs = self._pad_to_bucket(inputs)
         if self._backend_reported:
             return super().training_step(model, inputs, num_items_in_batch)
@@ -557,9 +562,10 @@ class ORTTrainer(TokenCountingMixin, Trainer):
         if self._running_in is None:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys, **gen_kwargs)
         # The Trainer computes losses, label smoothing, `compute_loss_func` and generation as always; the model's
-        # forward (and generation steps) compute in ONNX Runtime meanwhile.
+        # forward (and generation steps) compute in ONNX Runtime meanwhile. The plain model, not the wrapper the
+        # loop holds (DDP around the training ORTModule), whose forward would not reach the sessions.
         with self._running_in.running(self.model):
-            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys, **gen_kwargs)
+            return super().prediction_step(self.model, inputs, prediction_loss_only, ignore_keys, **gen_kwargs)
 
     def _save(self, output_dir=None, state_dict=None):
         with self._user_settings():

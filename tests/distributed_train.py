@@ -64,6 +64,8 @@ def main(output_dir, batch_size, use_ort="1", die_at_step="0", resume=None, back
     )
     trainer.train(resume_from_checkpoint=resume or None)
     metrics = trainer.evaluate()
+    trainer.args.inference_with_ort = False  # the same evaluation in PyTorch, for comparison
+    pytorch_metrics = trainer.evaluate()
     wrapped = trainer.model_wrapped
     if args.training_backend()[0] == "compile":
         ran = "onnxruntime" if compile_backend.stats.session_runs > 0 else "pytorch"
@@ -80,6 +82,7 @@ def main(output_dir, batch_size, use_ort="1", die_at_step="0", resume=None, back
             "graphs": graphs,
             "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
             "metrics": metrics,
+            "pytorch_metrics": pytorch_metrics,
             "weights": {name: value.tolist() for name, value in trainer.model.classifier.state_dict().items()},
         }
         Path(output_dir, "result.json").write_text(json.dumps(result))

@@ -271,8 +271,9 @@ def test_non_empty_output_dir_is_refused_and_kept(monkeypatch, tmp_path, capsys)
     assert [path.name for path in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
 
 
-def test_missing_ort_training_build_is_named_with_the_fix(monkeypatch, tmp_path, capsys):
+def test_ortmodule_without_the_training_build_is_named_with_the_fix(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr("ort_trainer.training_args.is_onnxruntime_training_available", lambda: False)
+    monkeypatch.setattr("ort_trainer.training_args.onnxruntime_distribution", lambda: "onnxruntime")
     with pytest.raises(SystemExit):
         run_glue(
             monkeypatch,
@@ -281,12 +282,14 @@ def test_missing_ort_training_build_is_named_with_the_fix(monkeypatch, tmp_path,
             "--train_tokenizer",
             *files("train"),
             "--do_train",
+            "--ort_backend",
+            "ortmodule",
             *common(tmp_path / "out"),
         )
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "run_glue.py: error: ONNX Runtime training is not installed. To fix: pip install "
-        "'ort_trainer[training-cpu]' (CPU) or 'ort_trainer[training-gpu]' (CUDA 11.8, Python <= 3.11), "
-        "or pass `--use_ort False` to train with PyTorch."
+        "run_glue.py: error: `--ort_backend ortmodule` needs onnxruntime-training, not onnxruntime. To fix: pip "
+        "install 'ort_trainer[training-cpu]' (CPU) or 'ort_trainer[training-gpu]' (CUDA 11.8, Python <= 3.11), or "
+        "pass `--ort_backend compile`."
     )
     assert not (tmp_path / "out").exists()
 

@@ -32,7 +32,8 @@ def _internals_used(path: Path) -> list:
             found.append(f"line {node.lineno}: .{node.attr}")
         elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute):
             root = node.value.value
-            if isinstance(root, ast.Name) and root.id == "transformers":  # transformers.<submodule>.<name>
+            submodule = node.value.attr[:1].islower()  # transformers.<submodule>.<name>, not <Class>.<method>
+            if isinstance(root, ast.Name) and root.id == "transformers" and submodule:
                 found.append(f"line {node.lineno}: transformers.{node.value.attr}.{node.attr}")
     return found
 
@@ -49,6 +50,7 @@ def test_the_check_sees_internals(tmp_path):
     source.write_text(
         "import transformers\nfrom transformers.cache_utils import DynamicLayer\n"
         "name = model.config._attn_implementation\ntransformers.utils.logging.set_verbosity_info()\n"
+        "config = transformers.AutoConfig.from_pretrained(path)\n"
     )
     assert len(_internals_used(source)) == 3
 

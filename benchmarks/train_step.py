@@ -1,0 +1,126 @@
+"""Training step time of one classifier in PyTorch eager, in ONNX Runtime's compile backend and in torch.compile
+(inductor), on the same tokens (every row 128 real tokens, no padding), after warm-up, in one process:
+
+- median step time, samples/s and achieved TFLOP/s (6 x parameters without embeddings x tokens);
+- the most device memory in use at a step's end, read from the device (ONNX Runtime allocates outside PyTorch's
+  allocator, so `torch.cuda.max_memory_allocated` would miss it);
+- each backend's losses against eager's.
+
+Usage: python benchmarks/train_step.py --model bert-base --batch_size 32 --fp16 [--backends eager ort inductor]
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, TrainerCallback
+
+from ort_trainer import ORTTrainer, ORTTrainingArguments
+from ort_trainer.benchmark import ARCHITECTURES
+
+
+BACKENDS = {
+    "eager": dict(use_ort=False),
+    "ort": dict(use_ort=True, ort_backend="compile", ort_fallback="error"),
+    "inductor": dict(use_ort=False, torch_compile=True),
+}
+
+
+class StepTimer(TrainerCallback):
+    """Each step's time, and the most device memory in use at a step's end."""
+
+    def __init__(self):
+        self.times, self.memory, self._start = [], 0, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            free, total = torch.cuda.mem_get_info()
+            self.memory = max(self.memory, total - free)
+        self.times.append(time.perf_counter() - self._start)
+
+
+def rows(count, length, vocab, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (count, length), generator=generator)
+    return [{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row[1] % 2} for row in ids]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=[name for name in ARCHITECTURES if "t5" not in name], default="bert-base")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--seq_length", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=10, help="Steps left out of the timing (exports, compiles).")
+    parser.add_argument("--fp16", action="store_true")
+    parser.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS))
+    args = parser.parse_args()
+
+    config = AutoConfig.for_model(
+        **ARCHITECTURES[args.model],
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        vocab_size=30522,
+        max_position_embeddings=max(514, args.seq_length + 2),
+    )
+    torch.manual_seed(0)
+    initial = AutoModelForSequenceClassification.from_config(config).state_dict()
+    data = rows(args.batch_size * args.steps, args.seq_length, config.vocab_size)
+    with torch.device("meta"):
+        meta = AutoModelForSequenceClassification.from_config(config)
+    embeddings = {id(p) for m in meta.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    parameters = sum(p.numel() for p in meta.parameters() if id(p) not in embeddings)
+
+    results = {}
+    for backend in args.backends:
+        model = AutoModelForSequenceClassification.from_config(config)
+        model.load_state_dict(initial)
+        training_args = ORTTrainingArguments(
+            output_dir=f"/tmp/train_step_{backend}",
+            per_device_train_batch_size=args.batch_size,
+            max_steps=args.steps,
+            learning_rate=1e-5,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            seed=0,
+            fp16=args.fp16,
+            disable_tqdm=True,
+            **BACKENDS[backend],
+        )
+        timer = StepTimer()
+        trainer = ORTTrainer(model=model, args=training_args, train_dataset=data, callbacks=[timer])
+        trainer.train()
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        seconds = statistics.median(timer.times[args.warmup :])
+        results[backend] = dict(seconds=seconds, losses=losses, memory=timer.memory)
+        del trainer, model
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+    eager = results.get("eager")
+    print(
+        f"\n{args.model}, batch {args.batch_size} x {args.seq_length} real tokens, {'fp16' if args.fp16 else 'fp32'}, "
+        f"median of steps {args.warmup + 1}-{args.steps}, {parameters / 1e6:.0f}M parameters without embeddings\n"
+    )
+    print(
+        "| Backend | ms/step | samples/s | TFLOP/s | vs eager | device memory (GiB) | max loss difference vs eager |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for backend, result in results.items():
+        samples = args.batch_size / result["seconds"]
+        flops = 6 * parameters * args.batch_size * args.seq_length / result["seconds"] / 1e12
+        ratio = f"{eager['seconds'] / result['seconds']:.2f}x" if eager else "-"
+        drift = max(abs(a - b) for a, b in zip(result["losses"], eager["losses"])) if eager else float("nan")
+        print(
+            f"| {backend} | {1000 * result['seconds']:.1f} | {samples:.0f} | {flops:.1f} | {ratio} | "
+            f"{result['memory'] / 2**30:.1f} | {drift:.1e} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
