@@ -40,6 +40,14 @@ def recording(trainer_class):
     return Recording
 
 
+@pytest.fixture(autouse=True)
+def compiled_graphs_in_tmp_path(request, tmp_path, monkeypatch):
+    """The compile backend's graph cache in the test's own folder (ORTModule's compiled extension stays where it is
+    built once)."""
+    if getattr(request.node, "callspec", None) and request.node.callspec.params.get("backend") == "compile":
+        monkeypatch.setenv("ORT_TRAINER_CACHE", str(tmp_path / "cache"))
+
+
 def train(name, tmp_path, backend=None):
     common = dict(
         output_dir=str(tmp_path / (backend or "torch")),
