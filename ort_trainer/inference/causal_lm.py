@@ -17,10 +17,10 @@ from ..transformers_compat import (
     self_attention_layers,
     session_cache,
 )
-from .export import GraphSpec, evaluating, export_key, reuse_or_export
-from .model import InferenceModel
+from .export import GraphSpec, evaluating
+from .model import InferenceModel, exported_sessions
 from .seq2seq import SELF_ATTENTION, pairs, past_names
-from .session import ONNXModel, convert_to_fp16, session_target, summed_axis
+from .session import ONNXModel, summed_axis
 
 
 GRAPHS = ("decoder", "decoder_with_past")
@@ -123,19 +123,14 @@ class CausalLM(InferenceModel):
     def load(cls, model, sample_inputs: dict, directory: Path, fp16: bool = False) -> "CausalLM":
         """The sessions of `model`, exported into `directory` from `sample_inputs` (reused while the weights and
         config are unchanged); fp16 when `fp16` and running on CUDA, inputs and outputs in their own types."""
-        device, provider, fp16 = session_target(model, fp16)
         directory = Path(directory)
-        key = export_key(model, graphs=list(GRAPHS), provider=provider, fp16=fp16)
         input_ids = sample_inputs["input_ids"]
         attention_mask = sample_inputs.get("attention_mask", torch.ones_like(input_ids))
 
-        def export() -> list:
+        def export():
             export_causal_lm(model, input_ids, attention_mask, directory)
-            return [convert_to_fp16(directory / f"{graph}.onnx") if fp16 else f"{graph}.onnx" for graph in GRAPHS]
 
-        graphs = reuse_or_export(directory, key, export)
-        precision = "fp16" if fp16 else "fp32"
-        return cls(*(ONNXModel.open(directory / graph, provider, device, precision) for graph in graphs))
+        return cls(*exported_sessions(model, GRAPHS, directory, fp16, export))
 
     def forward(
         self, model, input_ids=None, attention_mask=None, position_ids=None, labels=None, use_cache=None, **kwargs

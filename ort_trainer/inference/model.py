@@ -2,8 +2,30 @@
 
 import contextlib
 import functools
+from pathlib import Path
+from typing import Callable
 
 import torch
+
+from .export import export_key, reuse_or_export
+from .session import ONNXModel, convert_to_fp16, session_target
+
+
+def exported_sessions(model, graphs: tuple, directory: Path, fp16: bool, export: Callable[[], None]) -> list:
+    """Sessions of the graphs `<name>.onnx` that `export()` writes into `directory` (reused while the weights and
+    config are unchanged); fp16 when `fp16` and running on CUDA, inputs and outputs in their own types."""
+    device, provider, fp16 = session_target(model, fp16)
+    key = export_key(model, graphs=list(graphs), provider=provider, fp16=fp16)
+
+    def export_all() -> list:
+        export()
+        return [convert_to_fp16(directory / f"{graph}.onnx") if fp16 else f"{graph}.onnx" for graph in graphs]
+
+    precision = "fp16" if fp16 else "fp32"
+    return [
+        ONNXModel.open(directory / graph, provider, device, precision)
+        for graph in reuse_or_export(directory, key, export_all)
+    ]
 
 
 class InferenceModel:

@@ -23,9 +23,9 @@ from ..transformers_compat import (
     output_cache,
     self_attention_layers,
 )
-from .export import GraphSpec, evaluating, export_key, reuse_or_export
-from .model import InferenceModel
-from .session import ONNXModel, convert_to_fp16, session_target, summed_axis
+from .export import GraphSpec, evaluating
+from .model import InferenceModel, exported_sessions
+from .session import ONNXModel, summed_axis
 
 
 GRAPHS = ("encoder", "cross_attention", "decoder", "decoder_with_past")
@@ -214,17 +214,12 @@ class Seq2SeqLM(InferenceModel):
     def load(cls, model, sample_inputs: dict, directory: Path, fp16: bool = False) -> "Seq2SeqLM":
         """The sessions of `model`, exported into `directory` from `sample_inputs` (reused while the weights and
         config are unchanged); fp16 when `fp16` and running on CUDA, inputs and outputs in their own types."""
-        device, provider, fp16 = session_target(model, fp16)
         directory = Path(directory)
-        key = export_key(model, graphs=list(GRAPHS), provider=provider, fp16=fp16)
 
-        def export() -> list:
+        def export():
             export_seq2seq(model, sample_inputs["input_ids"], sample_inputs["attention_mask"], directory)
-            return [convert_to_fp16(directory / f"{graph}.onnx") if fp16 else f"{graph}.onnx" for graph in GRAPHS]
 
-        graphs = reuse_or_export(directory, key, export)
-        precision = "fp16" if fp16 else "fp32"
-        return cls(*(ONNXModel.open(directory / graph, provider, device, precision) for graph in graphs))
+        return cls(*exported_sessions(model, GRAPHS, directory, fp16, export))
 
     def encode(self, input_ids, attention_mask) -> _EncoderOutput:
         hidden = self.encoder({"input_ids": input_ids, "attention_mask": attention_mask})["last_hidden_state"]
