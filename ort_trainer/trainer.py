@@ -1,18 +1,20 @@
 """`ORTTrainer` and `Seq2SeqORTTrainer`: the `transformers` trainers, training in ONNX Runtime through ORTModule
 or through the compile backend (`compile_backend.py`), as `--ort_backend` chooses.
 
-Only hooks are overridden, each around a `super()` call (written against transformers 5.23):
+Only hooks are overridden, each around a `super()` call (checked on transformers 5.20 to 5.24):
 - `_wrap_model` puts the model in an ORTModule, or compiles it with the compile backend, for training and lets
   accelerate wrap that (DDP outside ORT);
 - `get_optimizer_cls_and_kwargs` adds ORT's FusedAdam;
 - `compute_loss` runs the loss inside the ORT graph with `--use_module_with_loss`;
 - `training_step` refuses bad batches as data errors, adds the attention mask a model takes by default, drops
-  all-padding columns (and for the compile backend pads lengths up to a few buckets, one graph each), and on the
-  first step reports which backend really ran (or why ORT could not, then fails or falls back to PyTorch);
+  all-padding columns with `--trim_padding` whatever the backend (and for the compile backend pads lengths up to a
+  few buckets, one graph each), and on the first step reports which backend really ran (or why ORT could not, then
+  fails or falls back to PyTorch);
 - `train` and `_save` switch the model to what ORT can differentiate for training and back; `train` adds the
   first step's time (ORT's export and graph build) to its metrics as `train_first_step_seconds`;
-- `evaluation_loop` and `prediction_step` run `--inference_with_ort` in an InferenceSession; for
-  sequence-to-sequence models `Seq2SeqTrainer`'s generation runs with ONNX Runtime sessions in place of the model.
+- `evaluation_loop` loads `--inference_with_ort`'s sessions (`inference/`), and `prediction_step` runs the
+  Trainer's own prediction step with the model's forward (and generation steps) in them;
+- `TokenCountingMixin` (`token_counts.py`) reports the real and computed tokens per sample.
 `self.model` stays the plain model, so checkpoints are ordinary Hugging Face checkpoints.
 """
 
