@@ -369,8 +369,7 @@ class ORTTrainer(TokenCountingMixin, Trainer):
         GPT-2's `aten::diff`)."""
         _check_batch(self.model, inputs)
         ids = inputs.get("input_ids")
-        accepts_mask = isinstance(self.model, PreTrainedModel) and "attention_mask" in self._forward_parameters()
-        if accepts_mask and torch.is_tensor(ids) and inputs.get("attention_mask") is None:
+        if self._takes_attention_mask() and torch.is_tensor(ids) and inputs.get("attention_mask") is None:
             inputs = {**inputs, "attention_mask": torch.ones_like(ids)}
         return inputs
 
@@ -532,13 +531,12 @@ class ORTTrainer(TokenCountingMixin, Trainer):
         logger.info(inference_model.description())
         return inference_model
 
+    def _takes_attention_mask(self) -> bool:
+        return isinstance(self.model, PreTrainedModel) and "attention_mask" in self._forward_parameters()
+
     def _can_trim_padding(self) -> bool:
         """Only transformers models that mask padding out of attention give equal results on trimmed batches."""
-        return (
-            self.args.trim_padding
-            and isinstance(self.model, PreTrainedModel)
-            and "attention_mask" in self._forward_parameters()
-        )
+        return self.args.trim_padding and self._takes_attention_mask()
 
     def _trimmed(self, inputs: dict) -> dict:
         """The batch without its all-padding columns, with `--trim_padding`, whatever the backend. Encoder-decoder
@@ -557,7 +555,7 @@ class ORTTrainer(TokenCountingMixin, Trainer):
             for name, value in inputs.items()
             if name in accepted and name not in self.label_names and torch.is_tensor(value)
         }
-        return trim_padding(model_inputs) if self._can_trim_padding() else model_inputs
+        return self._trimmed(model_inputs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
         inputs = self._trimmed(inputs)
