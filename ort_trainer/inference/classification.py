@@ -11,7 +11,7 @@ from .. import transformers_compat
 from . import fusion
 from .export import evaluating, export_key, export_module, reuse_or_export
 from .model import InferenceModel
-from .quantization import quantize_dynamic_int8
+from .quantization import RECIPE, quantize_dynamic_int8
 from .session import ONNXModel, convert_to_fp16, session_target, warn_once
 
 
@@ -105,7 +105,12 @@ class Classifier(InferenceModel):
             quantize = False
         directory = Path(directory)
         key = export_key(
-            model, inputs=sorted(sample_inputs), provider=provider, optimize=optimize, fp16=fp16, quantize=quantize
+            model,
+            inputs=sorted(sample_inputs),
+            provider=provider,
+            optimize=optimize,
+            fp16=fp16,
+            quantize=quantize and RECIPE,
         )
 
         def export() -> list:
@@ -123,7 +128,7 @@ class Classifier(InferenceModel):
         )
         if not quantized:
             return fp32
-        int8 = ONNXModel.open(directory / quantized[0], provider, device, f"{optimization}, dynamic int8")
+        int8 = ONNXModel.open(directory / quantized[0], provider, device, f"{optimization}, {RECIPE}")
         return cls(int8, head, reference=fp32)
 
     def forward(self, model, labels=None, **inputs):

@@ -6,6 +6,10 @@ from pathlib import Path
 import numpy as np
 
 
+# What `quantize_dynamic_int8` does, for the log and for the export cache's key.
+RECIPE = "dynamic int8, per-channel weights"
+
+
 def quantize_dynamic_int8(path: Path) -> str:
     """Write the int8 version of the graph at `path` beside it; returns its file name."""
     from onnx import TensorProto
@@ -14,7 +18,10 @@ def quantize_dynamic_int8(path: Path) -> str:
     quantized = path.with_name(path.stem + "_int8.onnx")
     # ONNX's shape inference does not know ORT's fused operators: their outputs are float, as the graph's.
     extra_options = {"DefaultTensorType": TensorProto.FLOAT}
-    quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8, extra_options=extra_options)
+    # A scale for each output channel of each weight: closer to fp32 than one scale a tensor, at the same speed.
+    quantize_dynamic(
+        str(path), str(quantized), weight_type=QuantType.QInt8, per_channel=True, extra_options=extra_options
+    )
     return quantized.name
 
 
