@@ -7,6 +7,7 @@
 - each backend's losses against eager's.
 
 Usage: python benchmarks/train_step.py --model bert-base --batch_size 32 --fp16 [--backends eager ort inductor]
+[--optim adamw_torch_fused]
 """
 
 import argparse
@@ -23,6 +24,7 @@ from ort_trainer.benchmark import ARCHITECTURES
 BACKENDS = {
     "eager": dict(use_ort=False),
     "ort": dict(use_ort=True, ort_backend="compile", ort_fallback="error"),
+    "ort-cuda-graphs": dict(use_ort=True, ort_backend="compile", ort_fallback="error", ort_cuda_graphs=True),
     "inductor": dict(use_ort=False, torch_compile=True),
 }
 
@@ -58,6 +60,7 @@ def main():
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=10, help="Steps left out of the timing (exports, compiles).")
     parser.add_argument("--fp16", action="store_true")
+    parser.add_argument("--optim", default="adamw_torch", help="The optimizer of every row, e.g. adamw_torch_fused.")
     parser.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS))
     args = parser.parse_args()
 
@@ -90,6 +93,7 @@ def main():
             report_to=[],
             seed=0,
             fp16=args.fp16,
+            optim=args.optim,
             disable_tqdm=True,
             **BACKENDS[backend],
         )
@@ -105,6 +109,7 @@ def main():
     eager = results.get("eager")
     print(
         f"\n{args.model}, batch {args.batch_size} x {args.seq_length} real tokens, {'fp16' if args.fp16 else 'fp32'}, "
+        f"{args.optim}, "
         f"median of steps {args.warmup + 1}-{args.steps}, {parameters / 1e6:.0f}M parameters without embeddings\n"
     )
     print(

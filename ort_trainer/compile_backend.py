@@ -10,11 +10,13 @@ Registered with dynamo as "onnxruntime", so after `import ort_trainer.compile_ba
 
     compiled = torch.compile(model, backend="onnxruntime", dynamic=False)
 
+On CUDA, `options={"cuda_graphs": True}` replays each graph as a CUDA graph (one launch a graph, not one a kernel).
 Shapes are static: each new input shape is a new pair of graphs. This module is the only place that knows the
 torch internals the backend needs (AOTAutograd, its decompositions, dynamo's registry and recompile limits).
 """
 
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import logging
@@ -45,6 +47,19 @@ _NUMPY_DTYPES = {
     torch.int8: numpy.int8,
     torch.uint8: numpy.uint8,
     torch.bool: numpy.bool_,
+}
+_ONNX_DTYPES = {
+    f"tensor({name})": dtype
+    for name, dtype in [
+        ("float", torch.float32),
+        ("float16", torch.float16),
+        ("double", torch.float64),
+        ("int64", torch.int64),
+        ("int32", torch.int32),
+        ("int8", torch.int8),
+        ("uint8", torch.uint8),
+        ("bool", torch.bool),
+    ]
 }
 
 
@@ -134,8 +149,9 @@ def _device_of(example_inputs) -> torch.device:
     return next((value.device for value in example_inputs if value.device.type != "cpu"), torch.device("cpu"))
 
 
-def create_session(path: Path, device: torch.device):
-    """An InferenceSession for `device`: the CUDA provider on the tensors' stream for CUDA, else the CPU provider."""
+def create_session(path: Path, device: torch.device, cuda_graph: bool = False):
+    """An InferenceSession for `device`: the CUDA provider on the tensors' stream for CUDA (capturing its run as a
+    CUDA graph with `cuda_graph`), else the CPU provider."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -153,6 +169,7 @@ def create_session(path: Path, device: torch.device):
         "device_id": device.index or 0,
         # ORT then runs on PyTorch's stream, so it sees the inputs PyTorch wrote and PyTorch sees its outputs.
         "user_compute_stream": str(torch.cuda.current_stream(device).cuda_stream),
+        "enable_cuda_graph": "1" if cuda_graph else "0",
     }
     return onnxruntime.InferenceSession(str(path), options, providers=[("CUDAExecutionProvider", cuda_options)])
 
@@ -168,14 +185,20 @@ def _to_torch(value, is_bool: bool) -> torch.Tensor:
 
 
 class ONNXRuntimeGraph:
-    """One exported FX graph in an InferenceSession, called as AOTAutograd calls the graph it replaces."""
+    """One exported FX graph in an InferenceSession, called as AOTAutograd calls the graph it replaces.
 
-    def __init__(self, path: Path, gm: torch.fx.GraphModule, example_inputs):
+    With `cuda_graph`, ONNX Runtime captures the session's first run on CUDA as a CUDA graph and replays it after:
+    one launch for the whole graph instead of one per kernel. A replay reads and writes the addresses captured, so
+    the inputs are copied into buffers bound once, the outputs bound once to buffers shaped from the (static) ONNX
+    graph, and returned as copies (the next replay overwrites the buffers)."""
+
+    def __init__(self, path: Path, gm: torch.fx.GraphModule, example_inputs, cuda_graph: bool = False):
         # AOTAutograd then passes the inputs as one list, which the call empties to free them early. An instance
         # attribute, since dynamo's wrappers copy `__dict__`.
         self._boxed_call = True
         self.device = _device_of(example_inputs)
-        self.session = create_session(path, self.device)
+        self.cuda_graph = cuda_graph and self.device.type == "cuda"
+        self.session = create_session(path, self.device, self.cuda_graph)
         self.input_names = [value.name for value in self.session.get_inputs()]
         self.output_names = [value.name for value in self.session.get_outputs()]
         self.bool_outputs = [value.type == "tensor(bool)" for value in self.session.get_outputs()]
@@ -188,12 +211,17 @@ class ONNXRuntimeGraph:
                 f"its FX graph has {len(example_inputs)} and {self.missing_outputs.count(False)}. "
                 f"To fix: delete {path} and run again."
             )
+        self._replay = None  # (binding, input buffers, output buffers) once a CUDA graph is bound
 
     def __call__(self, args: list):
-        binding = self.session.io_binding()
-        device_type, device_id = self.device.type, self.device.index or 0
         inputs = [value.contiguous() for value in args]  # kept alive until the run ends
         args.clear()
+        outputs = self._run_replayed(inputs) if self.cuda_graph else self._run(inputs)
+        stats.session_runs += 1
+        outputs = iter(outputs)
+        return [None if missing else next(outputs) for missing in self.missing_outputs]
+
+    def _bind_inputs(self, binding, inputs: list):
         for name, value in zip(self.input_names, inputs):
             binding.bind_input(
                 name,
@@ -203,15 +231,47 @@ class ONNXRuntimeGraph:
                 tuple(value.shape),
                 value.data_ptr(),
             )
+
+    def _run(self, inputs: list) -> list:
+        binding = self.session.io_binding()
+        self._bind_inputs(binding, inputs)
         for name in self.output_names:
-            binding.bind_output(name, device_type, device_id)  # ONNX Runtime allocates each output
+            binding.bind_output(name, self.device.type, self.device.index or 0)  # ONNX Runtime allocates each
         self.session.run_with_iobinding(binding)
-        stats.session_runs += 1
-        outputs = iter(map(_to_torch, binding.get_outputs(), self.bool_outputs))
-        return [None if missing else next(outputs) for missing in self.missing_outputs]
+        return list(map(_to_torch, binding.get_outputs(), self.bool_outputs))
+
+    def _run_replayed(self, inputs: list) -> list:
+        if self._replay is None:
+            self._replay = self._bind_buffers(inputs)
+        binding, input_buffers, output_buffers = self._replay
+        for buffer, value in zip(input_buffers, inputs):
+            buffer.copy_(value)
+        self.session.run_with_iobinding(binding)
+        return [buffer.clone() for buffer in output_buffers]
+
+    def _bind_buffers(self, inputs: list) -> tuple:
+        """Input buffers on the graph's device (a 0-d CPU scalar too: a replay cannot copy from the host), and
+        output buffers shaped and typed as the ONNX graph's outputs, bound once for every run."""
+        input_buffers = [torch.empty_like(value, device=self.device) for value in inputs]
+        output_buffers = [
+            torch.empty(value.shape, dtype=_ONNX_DTYPES[value.type], device=self.device)
+            for value in self.session.get_outputs()
+        ]
+        binding = self.session.io_binding()
+        self._bind_inputs(binding, input_buffers)
+        for name, buffer in zip(self.output_names, output_buffers):
+            binding.bind_output(
+                name,
+                "cuda",
+                self.device.index or 0,
+                _NUMPY_DTYPES[buffer.dtype],
+                tuple(buffer.shape),
+                buffer.data_ptr(),
+            )
+        return binding, input_buffers, output_buffers
 
 
-def compile_graph(gm: torch.fx.GraphModule, example_inputs) -> ONNXRuntimeGraph:
+def compile_graph(gm: torch.fx.GraphModule, example_inputs, cuda_graph: bool = False) -> ONNXRuntimeGraph:
     """AOTAutograd's compiler for forward and backward graphs: export (or reuse from the cache), then a session."""
     if any(not torch.is_tensor(value) for value in example_inputs):
         raise ValueError(
@@ -230,7 +290,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs) -> ONNXRuntimeGraph:
         logger.info("Graph %d read from the cache: %s", stats.graphs_built, path.name)
     else:
         _export(gm, example_inputs, path)
-    return ONNXRuntimeGraph(path, gm, example_inputs)
+    return ONNXRuntimeGraph(path, gm, example_inputs, cuda_graph)
 
 
 def _copy_with_broadcast(destination, source, non_blocking=False):
@@ -239,24 +299,32 @@ def _copy_with_broadcast(destination, source, non_blocking=False):
     return source.to(dtype=destination.dtype, device=destination.device).expand(destination.shape).clone()
 
 
-def _aot_autograd_backend():
+def _aot_autograd_backend(cuda_graphs: bool):
     from torch._decomp import core_aten_decompositions
     from torch._dynamo.backends.common import aot_autograd
 
+    compiler = functools.partial(compile_graph, cuda_graph=cuda_graphs)
     decompositions = {**core_aten_decompositions(), torch.ops.aten.copy.default: _copy_with_broadcast}
-    return aot_autograd(fw_compiler=compile_graph, bw_compiler=compile_graph, decompositions=decompositions)
+    return aot_autograd(fw_compiler=compiler, bw_compiler=compiler, decompositions=decompositions)
 
 
-_aot_backend = _aot_autograd_backend()
+_aot_backends = {cuda_graphs: _aot_autograd_backend(cuda_graphs) for cuda_graphs in (False, True)}
 
 
-def onnxruntime_backend(gm: torch.fx.GraphModule, example_inputs):
-    """The dynamo backend. Attention traces as its math (matmuls and softmax), whose backward exports; the fused
-    CPU and CUDA attention kernels' backward ops have no ONNX translation."""
+def onnxruntime_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None):
+    """The dynamo backend. `torch.compile(..., options={"cuda_graphs": True})` replays each graph on CUDA as a
+    CUDA graph. Attention traces as its math (matmuls and softmax), whose backward exports; the fused CPU and CUDA
+    attention kernels' backward ops have no ONNX translation."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    options = dict(options or {})
+    cuda_graphs = bool(options.pop("cuda_graphs", False))
+    if options:
+        raise ValueError(
+            f"The `{BACKEND_NAME}` backend takes the option `cuda_graphs`, not {', '.join(sorted(options))}."
+        )
     with sdpa_kernel([SDPBackend.MATH]):
-        return _aot_backend(gm, example_inputs)
+        return _aot_backends[cuda_graphs](gm, example_inputs)
 
 
 def _register():
@@ -269,11 +337,13 @@ def _register():
 _register()
 
 
-def compile_model(model: torch.nn.Module) -> torch.nn.Module:
-    """`model` compiled for training in ONNX Runtime, static shapes. The model's own state_dict keys stay as they
-    are: the compiled wrapper is a separate module. Graph breaks are allowed: code dynamo cannot capture (such as
-    DeBERTa's data-dependent loss branch) runs in PyTorch between ONNX Runtime graphs."""
-    return torch.compile(model, backend=onnxruntime_backend, dynamic=False)
+def compile_model(model: torch.nn.Module, cuda_graphs: bool = False) -> torch.nn.Module:
+    """`model` compiled for training in ONNX Runtime, static shapes (on CUDA replayed as CUDA graphs with
+    `cuda_graphs`). The model's own state_dict keys stay as they are: the compiled wrapper is a separate module.
+    Graph breaks are allowed: code dynamo cannot capture (such as DeBERTa's data-dependent loss branch) runs in
+    PyTorch between ONNX Runtime graphs."""
+    options = {"cuda_graphs": True} if cuda_graphs else None
+    return torch.compile(model, backend=onnxruntime_backend, dynamic=False, options=options)
 
 
 def graph_limits(max_graphs: int):

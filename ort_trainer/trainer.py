@@ -293,7 +293,7 @@ class ORTTrainer(TokenCountingMixin, Trainer):
         if self._backend == "compile":
             from . import compile_backend
 
-            ort_model = compile_backend.compile_model(to_wrap)
+            ort_model = compile_backend.compile_model(to_wrap, cuda_graphs=self.args.ort_cuda_graphs)
         else:
             ort_model = ortmodule.wrap_with_ortmodule(to_wrap, self._ortmodule_options())
         # accelerate places the ORTModule, wraps it in DDP under torchrun and applies autocast. Returning a
@@ -438,10 +438,11 @@ class ORTTrainer(TokenCountingMixin, Trainer):
                 )
             provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
             logger.info(
-                "Training backend: ONNX Runtime (compile backend, %s, %s) on %s: %s. %d graphs built (%d exported "
+                "Training backend: ONNX Runtime (compile backend, %s, %s%s) on %s: %s. %d graphs built (%d exported "
                 "in %.1f s, %d read from the cache in %s).",
                 provider,
                 "fp16" if self.args.fp16 else "fp32",
+                ", CUDA graphs" if self.args.ort_cuda_graphs else "",
                 device,
                 self._backend_reason,
                 stats.graphs_built,

@@ -43,6 +43,13 @@ class ORTTrainingArguments(TrainingArguments):
             "choices": list(ORT_BACKENDS),
         },
     )
+    ort_cuda_graphs: bool = field(
+        default=False,
+        metadata={
+            "help": "With the compile backend on CUDA: ONNX Runtime captures each forward and backward graph as a "
+            "CUDA graph and replays it, one launch a graph instead of one a kernel (shapes are static there)."
+        },
+    )
     optim: str = field(
         default="adamw_torch",
         metadata={
@@ -214,6 +221,16 @@ class ORTTrainingArguments(TrainingArguments):
             raise ValueError(
                 "`--bf16` with the compile backend is not supported: ONNX Runtime's I/O binding takes no bf16 tensors "
                 "from PyTorch. To fix: use `--fp16` on a GPU, or train in bf16 with PyTorch (`--use_ort False`)."
+            )
+        if (
+            self.ort_cuda_graphs
+            and self.use_ort
+            and (self.device.type != "cuda" or self.training_backend()[0] != "compile")
+        ):
+            raise ValueError(
+                f"`--ort_cuda_graphs` replays the compile backend's graphs on CUDA, but this run trains with "
+                f"{self.training_backend()[0]} on {self.device.type}. To fix: drop `--ort_cuda_graphs`, or train on a "
+                "GPU with `--ort_backend compile`."
             )
         if self.fp16 and self.device.type == "cpu":
             raise ValueError(

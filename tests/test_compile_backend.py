@@ -214,3 +214,20 @@ def test_auto_backend_keeps_ortmodule_where_onnxruntime_training_is_installed(tm
 def test_unknown_backend_is_refused_in_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"^`--ort_backend` must be one of auto, ortmodule, compile, got `dort`\.$"):
         compile_args(tmp_path, ort_backend="dort")
+
+
+def test_cuda_graphs_on_cpu_are_refused_in_one_line(tmp_path):
+    with pytest.raises(
+        ValueError,
+        match=r"^`--ort_cuda_graphs` replays the compile backend's graphs on CUDA, but this run trains with compile "
+        r"on cpu\. To fix: drop `--ort_cuda_graphs`, or train on a GPU with `--ort_backend compile`\.$",
+    ):
+        compile_args(tmp_path, ort_cuda_graphs=True)
+
+
+def test_unknown_backend_option_is_named():
+    data = tiny_dataset("bert")
+    batch = {key: torch.stack([row[key] for row in data[:8]]) for key in data[0]}
+    compiled = torch.compile(tiny_model("bert"), backend="onnxruntime", dynamic=False, options={"cuda_graph": True})
+    with pytest.raises(Exception, match="The `onnxruntime` backend takes the option `cuda_graphs`, not cuda_graph"):
+        compiled(**batch)

@@ -1,0 +1,53 @@
+"""The compile backend on CUDA, with and without CUDA graphs. Runs where a GPU and onnxruntime-gpu are."""
+
+import pytest
+import torch
+
+from ort_trainer import ORTTrainer, ORTTrainingArguments, compile_backend
+from ort_trainer.import_utils import onnxruntime_providers
+
+from .tiny_models import tiny_dataset, tiny_model
+
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or "CUDAExecutionProvider" not in onnxruntime_providers(),
+    reason="needs a CUDA GPU and an ONNX Runtime build with CUDAExecutionProvider (onnxruntime-gpu)",
+)
+
+
+@pytest.fixture(autouse=True)
+def graph_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ORT_TRAINER_CACHE", str(tmp_path / "cache"))
+    torch._dynamo.reset()
+
+
+def train_losses(tmp_path, name, **overrides):
+    args = ORTTrainingArguments(
+        output_dir=str(tmp_path / name),
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        max_steps=6,
+        logging_steps=1,
+        seed=0,
+        report_to=[],
+        disable_tqdm=True,
+        save_strategy="no",
+        ort_fallback="error",
+        ort_backend="compile",
+        **overrides,
+    )
+    trainer = ORTTrainer(model=tiny_model("bert"), args=args, train_dataset=tiny_dataset("bert", size=48))
+    runs = compile_backend.stats.session_runs
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return losses, compile_backend.stats.session_runs - runs, trainer.model
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_cuda_training_matches_pytorch(tmp_path, cuda_graphs):
+    reference, _, pytorch_model = train_losses(tmp_path, "pytorch", use_ort=False)
+    losses, runs, model = train_losses(tmp_path, "ort", ort_cuda_graphs=cuda_graphs)
+    assert runs == 12  # a forward and a backward graph each step, in ONNX Runtime
+    assert losses == pytest.approx(reference, abs=1e-4)
+    for (name, parameter), expected in zip(model.named_parameters(), pytorch_model.parameters(), strict=True):
+        torch.testing.assert_close(parameter, expected, atol=1e-4, rtol=0, msg=name)
