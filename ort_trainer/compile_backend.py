@@ -170,6 +170,8 @@ def create_session(path: Path, device: torch.device, cuda_graph: bool = False):
         # ORT then runs on PyTorch's stream, so it sees the inputs PyTorch wrote and PyTorch sees its outputs.
         "user_compute_stream": str(torch.cuda.current_stream(device).cuda_stream),
         "enable_cuda_graph": "1" if cuda_graph else "0",
+        # TF32 matrix products only where PyTorch uses them (`torch.backends.cuda.matmul.allow_tf32`, `--tf32`).
+        "use_tf32": "1" if torch.backends.cuda.matmul.allow_tf32 else "0",
     }
     return onnxruntime.InferenceSession(str(path), options, providers=[("CUDAExecutionProvider", cuda_options)])
 
@@ -190,7 +192,8 @@ class ONNXRuntimeGraph:
     With `cuda_graph`, ONNX Runtime captures the session's first run on CUDA as a CUDA graph and replays it after:
     one launch for the whole graph instead of one per kernel. A replay reads and writes the addresses captured, so
     the inputs are copied into buffers bound once, the outputs bound once to buffers shaped from the (static) ONNX
-    graph, and returned as copies (the next replay overwrites the buffers)."""
+    graph, and returned as copies (the next replay overwrites the buffers). An output that is an input passed through
+    is copied by ONNX Runtime outside the captured kernels: it is the input itself."""
 
     def __init__(self, path: Path, gm: torch.fx.GraphModule, example_inputs, cuda_graph: bool = False):
         # AOTAutograd then passes the inputs as one list, which the call empties to free them early. An instance
@@ -212,6 +215,7 @@ class ONNXRuntimeGraph:
                 f"To fix: delete {path} and run again."
             )
         self._replay = None  # (binding, input buffers, output buffers) once a CUDA graph is bound
+        self._passed_through = _passed_through_inputs(path) if self.cuda_graph else {}
 
     def __call__(self, args: list):
         inputs = [value.contiguous() for value in args]  # kept alive until the run ends
@@ -247,7 +251,10 @@ class ONNXRuntimeGraph:
         for buffer, value in zip(input_buffers, inputs):
             buffer.copy_(value)
         self.session.run_with_iobinding(binding)
-        return [buffer.clone() for buffer in output_buffers]
+        return [
+            inputs[self._passed_through[index]] if index in self._passed_through else buffer.clone()
+            for index, buffer in enumerate(output_buffers)
+        ]
 
     def _bind_buffers(self, inputs: list) -> tuple:
         """Input buffers on the graph's device (a 0-d CPU scalar too: a replay cannot copy from the host), and
@@ -269,6 +276,23 @@ class ONNXRuntimeGraph:
                 buffer.data_ptr(),
             )
         return binding, input_buffers, output_buffers
+
+
+def _passed_through_inputs(path: Path) -> dict:
+    """Which outputs of the ONNX graph at `path` are one of its inputs (through Identity nodes): {output: input}."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inputs = {value.name: index for index, value in enumerate(graph.input)}
+    identities = {node.output[0]: node.input[0] for node in graph.node if node.op_type == "Identity"}
+    passed_through = {}
+    for index, output in enumerate(graph.output):
+        name = output.name
+        while name in identities:
+            name = identities[name]
+        if name in inputs:
+            passed_through[index] = inputs[name]
+    return passed_through
 
 
 def compile_graph(gm: torch.fx.GraphModule, example_inputs, cuda_graph: bool = False) -> ONNXRuntimeGraph:
