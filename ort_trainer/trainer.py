@@ -187,13 +187,15 @@ def _check_batch(model: torch.nn.Module, inputs: dict) -> None:
 _LOOP_TIMINGS = ("model_preparation_time",)
 
 
-def _quantization_metrics(int8, fp32, prefix: str) -> dict:
-    """The share of the int8 graph's predictions that equal the fp32 graph's, and the fp32 graph's metrics."""
-    int8_logits, fp32_logits = (
+def _quantization_metrics(int8, fp32, prefix: str, pad_token_id: int) -> dict:
+    """The share of the int8 graph's predictions (or generated sentences) that equal the fp32 graph's, and the fp32
+    graph's metrics."""
+    int8_predictions, fp32_predictions = (
         output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
         for output in (int8, fp32)
     )
-    metrics = {f"{prefix}_int8_agreement": inference.agreement(int8_logits, fp32_logits, int8.label_ids)}
+    agreement = inference.agreement(int8_predictions, fp32_predictions, int8.label_ids, pad_token_id)
+    metrics = {f"{prefix}_int8_agreement": agreement}
     for key, value in fp32.metrics.items():
         name = key.removeprefix(f"{prefix}_")
         if name not in _LOOP_TIMINGS:
@@ -499,7 +501,8 @@ class ORTTrainer(TokenCountingMixin, Trainer):
         output = self._evaluation_loop_in(self._inference_model, *loop_args)
         if reference is not None:
             fp32 = self._evaluation_loop_in(reference, *loop_args)
-            output.metrics.update(_quantization_metrics(output, fp32, metric_key_prefix))
+            pad_token_id = getattr(self.model.config, "pad_token_id", None) or 0
+            output.metrics.update(_quantization_metrics(output, fp32, metric_key_prefix, pad_token_id))
         # Export and session creation (or reuse) are part of the runtime; recorded apart, for benchmarks.
         output.metrics[f"{metric_key_prefix}_ort_setup_seconds"] = round(setup_seconds, 3)
         return output

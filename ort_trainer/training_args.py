@@ -122,8 +122,9 @@ class ORTTrainingArguments(TrainingArguments):
     ort_quantization: str = field(
         default="none",
         metadata={
-            "help": "With `--inference_with_ort` on CPU: `dynamic_int8` evaluates classifiers with ONNX Runtime's "
-            "dynamic quantization (int8 weights, activations quantized per batch), built once from the fp32 graph.",
+            "help": "With `--inference_with_ort` on CPU: `dynamic_int8` evaluates classifiers and sequence-to-"
+            "sequence models with ONNX Runtime's dynamic quantization (int8 weights, activations quantized per "
+            "batch), built once from the fp32 graphs.",
             "choices": list(ORT_QUANTIZATIONS),
         },
     )
@@ -131,7 +132,8 @@ class ORTTrainingArguments(TrainingArguments):
         default=True,
         metadata={
             "help": "With `--ort_quantization dynamic_int8`, evaluate the fp32 graph too and report its metrics "
-            "(`eval_fp32_*`) and the share of predictions the int8 graph keeps (`eval_int8_agreement`). "
+            "(`eval_fp32_*`) and the share of predictions (generated sentences) the int8 graph keeps "
+            "(`eval_int8_agreement`). "
             "`False` skips that second pass."
         },
     )

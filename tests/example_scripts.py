@@ -52,10 +52,15 @@ QUANTIZED_OPERATORS = {"MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantiz
 
 
 def int8_operators(onnx_dir: Path) -> dict:
-    """How many quantized operators each kind the int8 graph of an `--ort_quantization dynamic_int8` run has."""
+    """For each int8 graph of an `--ort_quantization dynamic_int8` run, how many quantized operators of each kind
+    it has: {graph file: {operator: count}}."""
     import onnx
 
     graphs = json.loads((onnx_dir / "model.json").read_text())["graphs"]
-    (int8,) = [graph for graph in graphs if graph.endswith("_int8.onnx")]
-    operators = [node.op_type for node in onnx.load(onnx_dir / int8).graph.node]
-    return {operator: operators.count(operator) for operator in QUANTIZED_OPERATORS if operator in operators}
+    found = {}
+    for int8 in (graph for graph in graphs if graph.endswith("_int8.onnx")):
+        operators = [node.op_type for node in onnx.load(onnx_dir / int8).graph.node]
+        found[int8] = {
+            operator: operators.count(operator) for operator in QUANTIZED_OPERATORS if operator in operators
+        }
+    return found

@@ -50,8 +50,8 @@ def load_for_inference(
         )
     if quantize and not head.can_quantize:
         warn_once(
-            f"`--ort_quantization dynamic_int8` applies to sequence and token classifiers; {type(model).__name__} "
-            "evaluates with its fp32 graphs."
+            f"`--ort_quantization dynamic_int8` applies to sequence and token classifiers and sequence-to-sequence "
+            f"models; {type(model).__name__} evaluates with its fp32 graphs."
         )
     settings = {"quantize": quantize} if head.can_quantize else {}
     return head.load(model, sample_inputs, Path(directory), fp16=fp16, **settings)

@@ -130,7 +130,8 @@ class CausalLM(InferenceModel):
         def export():
             export_causal_lm(model, input_ids, attention_mask, directory)
 
-        return cls(*exported_sessions(model, GRAPHS, directory, fp16, export))
+        sessions, _ = exported_sessions(model, GRAPHS, directory, fp16, export)
+        return cls(*sessions)
 
     def forward(
         self, model, input_ids=None, attention_mask=None, position_ids=None, labels=None, use_cache=None, **kwargs

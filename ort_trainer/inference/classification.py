@@ -11,8 +11,8 @@ from .. import transformers_compat
 from . import fusion
 from .export import evaluating, export_key, export_module, reuse_or_export
 from .model import InferenceModel
-from .quantization import RECIPE, quantize_dynamic_int8
-from .session import ONNXModel, convert_to_fp16, session_target, warn_once
+from .quantization import RECIPE, on_cpu_only, quantize_dynamic_int8
+from .session import ONNXModel, convert_to_fp16, session_target
 
 
 logger = logging.getLogger(__name__)
@@ -97,12 +97,7 @@ class Classifier(InferenceModel):
         gives the same outputs on `sample_inputs`, in fp16 when `fp16` and running on CUDA (inputs and outputs keep
         their types), or in dynamic int8 when `quantize` and running on the CPU."""
         device, provider, fp16 = session_target(model, fp16)
-        if quantize and provider != "CPUExecutionProvider":
-            warn_once(
-                f"`--ort_quantization dynamic_int8` applies to CPU sessions only; on {provider} the classifier "
-                f"evaluates in {'fp16' if fp16 else 'fp32'}."
-            )
-            quantize = False
+        quantize = on_cpu_only(quantize, provider, "classifier", "fp16" if fp16 else "fp32")
         directory = Path(directory)
         key = export_key(
             model,

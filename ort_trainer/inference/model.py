@@ -8,24 +8,30 @@ from typing import Callable
 import torch
 
 from .export import export_key, reuse_or_export
+from .quantization import RECIPE, on_cpu_only, quantize_dynamic_int8
 from .session import ONNXModel, convert_to_fp16, session_target
 
 
-def exported_sessions(model, graphs: tuple, directory: Path, fp16: bool, export: Callable[[], None]) -> list:
+def exported_sessions(
+    model, graphs: tuple, directory: Path, fp16: bool, export: Callable[[], None], quantize: bool = False
+) -> tuple[list, list]:
     """Sessions of the graphs `<name>.onnx` that `export()` writes into `directory` (reused while the weights and
-    config are unchanged); fp16 when `fp16` and running on CUDA, inputs and outputs in their own types."""
+    config are unchanged); fp16 when `fp16` and running on CUDA, inputs and outputs in their own types. With
+    `quantize`, on the CPU, also their dynamic int8 versions (else an empty list)."""
     device, provider, fp16 = session_target(model, fp16)
-    key = export_key(model, graphs=list(graphs), provider=provider, fp16=fp16)
+    quantize = on_cpu_only(quantize, provider, type(model).__name__, "fp16" if fp16 else "fp32")
+    key = export_key(model, graphs=list(graphs), provider=provider, fp16=fp16, quantize=quantize and RECIPE)
 
     def export_all() -> list:
         export()
-        return [convert_to_fp16(directory / f"{graph}.onnx") if fp16 else f"{graph}.onnx" for graph in graphs]
+        names = [convert_to_fp16(directory / f"{graph}.onnx") if fp16 else f"{graph}.onnx" for graph in graphs]
+        return names + [quantize_dynamic_int8(directory / name) for name in names] if quantize else names
 
+    names = reuse_or_export(directory, key, export_all)
     precision = "fp16" if fp16 else "fp32"
-    return [
-        ONNXModel.open(directory / graph, provider, device, precision)
-        for graph in reuse_or_export(directory, key, export_all)
-    ]
+    sessions = [ONNXModel.open(directory / name, provider, device, precision) for name in names[: len(graphs)]]
+    int8 = [ONNXModel.open(directory / name, provider, device, RECIPE) for name in names[len(graphs) :]]
+    return sessions, int8
 
 
 class InferenceModel:

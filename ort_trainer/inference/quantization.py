@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .session import warn_once
+
 
 # What `quantize_dynamic_int8` does, for the log and for the export cache's key.
 RECIPE = "dynamic int8, per-channel weights"
@@ -25,7 +27,30 @@ def quantize_dynamic_int8(path: Path) -> str:
     return quantized.name
 
 
-def agreement(predictions: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> float:
-    """The share of predictions (argmax of the logits) equal to the reference's, where there is a label."""
+def on_cpu_only(quantize: bool, provider: str, what: str, precision: str) -> bool:
+    """Whether to quantize: asked for and on the CPU. On another provider it says once what runs instead."""
+    if quantize and provider != "CPUExecutionProvider":
+        warn_once(
+            f"`--ort_quantization dynamic_int8` applies to CPU sessions only; on {provider} the {what} evaluates in "
+            f"{precision}."
+        )
+        return False
+    return quantize
+
+
+def agreement(predictions: np.ndarray, reference: np.ndarray, labels: np.ndarray, pad_token_id: int = 0) -> float:
+    """The share of predictions equal to the reference's: for logits, of their argmax where there is a label; for
+    generated token ids, of whole sequences (padding, -100 or `pad_token_id`, left out of the comparison)."""
+    if np.issubdtype(predictions.dtype, np.integer):
+        width = max(predictions.shape[1], reference.shape[1])
+        padded = [
+            np.pad(
+                np.where(ids == -100, pad_token_id, ids),
+                ((0, 0), (0, width - ids.shape[1])),
+                constant_values=pad_token_id,
+            )
+            for ids in (predictions, reference)
+        ]
+        return float((padded[0] == padded[1]).all(axis=1).mean())
     keep = np.broadcast_to(labels != -100, predictions.shape[:-1]) if labels is not None else ...
     return float((predictions.argmax(-1)[keep] == reference.argmax(-1)[keep]).mean())

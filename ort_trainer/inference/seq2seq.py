@@ -194,6 +194,7 @@ class Seq2SeqLM(InferenceModel):
     """The encoder and decoder sessions of an exported sequence-to-sequence model."""
 
     runs = "Evaluation and generation"
+    can_quantize = True
 
     def __init__(
         self, encoder: ONNXModel, cross_attention: ONNXModel, decoder: ONNXModel, decoder_with_past: ONNXModel
@@ -211,15 +212,23 @@ class Seq2SeqLM(InferenceModel):
         return getattr(config, "is_encoder_decoder", False) and model.can_generate()
 
     @classmethod
-    def load(cls, model, sample_inputs: dict, directory: Path, fp16: bool = False) -> "Seq2SeqLM":
+    def load(
+        cls, model, sample_inputs: dict, directory: Path, fp16: bool = False, quantize: bool = False
+    ) -> "Seq2SeqLM":
         """The sessions of `model`, exported into `directory` from `sample_inputs` (reused while the weights and
-        config are unchanged); fp16 when `fp16` and running on CUDA, inputs and outputs in their own types."""
+        config are unchanged); fp16 when `fp16` and running on CUDA, inputs and outputs in their own types; in
+        dynamic int8 when `quantize` and running on the CPU, with the fp32 sessions as `reference`."""
         directory = Path(directory)
 
         def export():
             export_seq2seq(model, sample_inputs["input_ids"], sample_inputs["attention_mask"], directory)
 
-        return cls(*exported_sessions(model, GRAPHS, directory, fp16, export))
+        sessions, int8 = exported_sessions(model, GRAPHS, directory, fp16, export, quantize)
+        if not int8:
+            return cls(*sessions)
+        quantized = cls(*int8)
+        quantized.reference = cls(*sessions)
+        return quantized
 
     def encode(self, input_ids, attention_mask) -> _EncoderOutput:
         hidden = self.encoder({"input_ids": input_ids, "attention_mask": attention_mask})["last_hidden_state"]
