@@ -27,40 +27,15 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy
 import torch
 
+from .inference.session import NUMPY_TYPES, ONNX_TYPES
 from .ortmodule import cache_dir
 
 
 logger = logging.getLogger(__name__)
 
 BACKEND_NAME = "onnxruntime"
-
-# Element types for I/O binding (ONNX Runtime takes numpy dtypes).
-_NUMPY_DTYPES = {
-    torch.float32: numpy.float32,
-    torch.float16: numpy.float16,
-    torch.float64: numpy.float64,
-    torch.int64: numpy.int64,
-    torch.int32: numpy.int32,
-    torch.int8: numpy.int8,
-    torch.uint8: numpy.uint8,
-    torch.bool: numpy.bool_,
-}
-_ONNX_DTYPES = {
-    f"tensor({name})": dtype
-    for name, dtype in [
-        ("float", torch.float32),
-        ("float16", torch.float16),
-        ("double", torch.float64),
-        ("int64", torch.int64),
-        ("int32", torch.int32),
-        ("int8", torch.int8),
-        ("uint8", torch.uint8),
-        ("bool", torch.bool),
-    ]
-}
 
 
 @dataclass
@@ -231,7 +206,7 @@ class ONNXRuntimeGraph:
                 name,
                 value.device.type,
                 value.device.index or 0,
-                _NUMPY_DTYPES[value.dtype],
+                NUMPY_TYPES[value.dtype],
                 tuple(value.shape),
                 value.data_ptr(),
             )
@@ -261,7 +236,7 @@ class ONNXRuntimeGraph:
         output buffers shaped and typed as the ONNX graph's outputs, bound once for every run."""
         input_buffers = [torch.empty_like(value, device=self.device) for value in inputs]
         output_buffers = [
-            torch.empty(value.shape, dtype=_ONNX_DTYPES[value.type], device=self.device)
+            torch.empty(value.shape, dtype=ONNX_TYPES[value.type], device=self.device)
             for value in self.session.get_outputs()
         ]
         binding = self.session.io_binding()
@@ -271,7 +246,7 @@ class ONNXRuntimeGraph:
                 name,
                 "cuda",
                 self.device.index or 0,
-                _NUMPY_DTYPES[buffer.dtype],
+                NUMPY_TYPES[buffer.dtype],
                 tuple(buffer.shape),
                 buffer.data_ptr(),
             )
@@ -302,7 +277,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, cuda_graph: bool = F
             f"The `{BACKEND_NAME}` backend compiles static shapes, but this graph takes symbolic sizes. "
             "To fix: pass `dynamic=False` to `torch.compile`."
         )
-    unsupported = {str(value.dtype) for value in example_inputs if value.dtype not in _NUMPY_DTYPES}
+    unsupported = {str(value.dtype) for value in example_inputs if value.dtype not in NUMPY_TYPES}
     if unsupported:
         raise TypeError(
             f"The `{BACKEND_NAME}` backend cannot pass {', '.join(sorted(unsupported))} tensors to ONNX Runtime. "

@@ -16,8 +16,19 @@ from ..import_utils import is_onnxruntime_available, onnxruntime_providers
 
 logger = logging.getLogger(__name__)
 
-ONNX_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64}
-NUMPY_TYPES = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32, torch.float16: np.float16}
+# The element types sessions exchange with torch: torch's, numpy's (what I/O binding takes) and ONNX's name.
+ELEMENT_TYPES = [
+    (torch.float32, np.float32, "float"),
+    (torch.float16, np.float16, "float16"),
+    (torch.float64, np.float64, "double"),
+    (torch.int64, np.int64, "int64"),
+    (torch.int32, np.int32, "int32"),
+    (torch.int8, np.int8, "int8"),
+    (torch.uint8, np.uint8, "uint8"),
+    (torch.bool, np.bool_, "bool"),
+]
+NUMPY_TYPES = {torch_type: numpy_type for torch_type, numpy_type, _ in ELEMENT_TYPES}
+ONNX_TYPES = {f"tensor({name})": torch_type for torch_type, _, name in ELEMENT_TYPES}
 
 
 def summed_axis(*names: str) -> str:
