@@ -366,10 +366,11 @@ class ORTTrainer(TokenCountingMixin, Trainer):
         return loss
 
     def _ort_training_inputs(self, inputs: dict) -> dict:
-        """The batch ORT trains on: checked first; with an all-ones attention mask where a transformers model takes
-        one and the batch has none (the model's own default, but built by mask code ORT cannot export, such as
-        GPT-2's `aten::diff`)."""
+        """The batch ORT trains on: checked first, the model's problem type settled before a compiled forward sees
+        it change; with an all-ones attention mask where a transformers model takes one and the batch has none (the
+        model's own default, but built by mask code ORT cannot export, such as GPT-2's `aten::diff`)."""
         _check_batch(self.model, inputs)
+        transformers_compat.settle_problem_type(self.model, inputs.get("labels"))
         ids = inputs.get("input_ids")
         if self._takes_attention_mask() and torch.is_tensor(ids) and inputs.get("attention_mask") is None:
             inputs = {**inputs, "attention_mask": torch.ones_like(ids)}

@@ -86,6 +86,18 @@ def head_loss(head: str, logits: torch.Tensor, labels: torch.Tensor, config) -> 
     return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
+def settle_problem_type(model: torch.nn.Module, labels) -> None:
+    """Sequence classifiers choose `config.problem_type` from the first labels they see (5.20-5.24: the rule of
+    `ForSequenceClassificationLoss`, which their forwards repeat inline). Choosing it the same way before a compiled
+    forward first runs keeps dynamo from tracing the model again when the attribute changes after that run."""
+    config = getattr(model, "config", None)
+    if getattr(config, "problem_type", "") is not None or not torch.is_tensor(labels):
+        return
+    if type(model).__name__.endswith("ForSequenceClassification"):
+        logits = torch.zeros(labels.shape[0], config.num_labels, device=labels.device)
+        ForSequenceClassificationLoss(labels, logits, config)  # sets config.problem_type
+
+
 # The KV cache. transformers 5.24 renamed the cache argument of `forward` and the cache field of model outputs from
 # `past_key_values` to `cache` (5.20-5.23: `past_key_values`; 5.24 still accepts the old argument, with a warning).
 CACHE_NAME = "cache" if "cache" in Seq2SeqLMOutput.__dataclass_fields__ else "past_key_values"

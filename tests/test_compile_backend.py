@@ -231,3 +231,11 @@ def test_unknown_backend_option_is_named():
     compiled = torch.compile(tiny_model("bert"), backend="onnxruntime", dynamic=False, options={"cuda_graph": True})
     with pytest.raises(Exception, match="The `onnxruntime` backend takes the option `cuda_graphs`, not cuda_graph"):
         compiled(**batch)
+
+
+def test_one_shape_builds_one_forward_and_one_backward_graph(tmp_path):
+    trainer = bert_trainer(compile_args(tmp_path, max_steps=3))
+    assert trainer.model.config.problem_type is None  # chosen by the model on its first batch
+    metrics = trainer.train().metrics
+    assert metrics["ort_graphs"] == 2  # no second trace when the first forward sets the problem type
+    assert trainer.model.config.problem_type == "single_label_classification"
