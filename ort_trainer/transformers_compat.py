@@ -95,7 +95,10 @@ def settle_problem_type(model: torch.nn.Module, labels) -> None:
         return
     if type(model).__name__.endswith("ForSequenceClassification"):
         logits = torch.zeros(labels.shape[0], config.num_labels, device=labels.device)
-        ForSequenceClassificationLoss(labels, logits, config)  # sets config.problem_type
+        try:
+            ForSequenceClassificationLoss(labels, logits, config)  # sets config.problem_type first
+        except (RuntimeError, ValueError):
+            pass  # labels the loss refuses: the training step reports them, as a data error
 
 
 # The KV cache. transformers 5.24 renamed the cache argument of `forward` and the cache field of model outputs from
