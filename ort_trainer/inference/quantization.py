@@ -40,7 +40,7 @@ def on_cpu_only(quantize: bool, provider: str, what: str, precision: str) -> boo
 
 def agreement(predictions: np.ndarray, reference: np.ndarray, labels: np.ndarray, pad_token_id: int = 0) -> float:
     """The share of predictions equal to the reference's: for logits, of their argmax where there is a label; for
-    generated token ids, of whole sequences (padding, -100 or `pad_token_id`, left out of the comparison)."""
+    generated token ids, of whole sequences, where -100 and `pad_token_id` both count as padding."""
     if np.issubdtype(predictions.dtype, np.integer):
         width = max(predictions.shape[1], reference.shape[1])
         padded = [
