@@ -20,10 +20,10 @@ import time
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification
 
 from ort_trainer import ORTTrainer, ORTTrainingArguments, inference
-from ort_trainer.benchmark import ARCHITECTURES
+from ort_trainer.benchmark import ARCHITECTURES, classifier_config, parameters_without_embeddings
 from ort_trainer.padding import trim_padding
 
 
@@ -86,16 +86,10 @@ def main():
     args = parser.parse_args()
     batch_size, length = args.batch_size, args.seq_length
 
-    config = AutoConfig.for_model(
-        **ARCHITECTURES[args.model],
-        vocab_size=30522,
-        max_position_embeddings=max(514, length + 2),
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
+    config = classifier_config(args.model, length)
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(config).cuda().eval()
-    parameters = sum(p.numel() for name, p in model.named_parameters() if "embeddings" not in name)
+    parameters = parameters_without_embeddings(model)
     rows = random_rows(batch_size * args.batches, length)
     full = [
         {key: torch.stack([row[key] for row in rows[start : start + batch_size]]).cuda() for key in rows[0]}

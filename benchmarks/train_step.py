@@ -15,10 +15,10 @@ import statistics
 import time
 
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, TrainerCallback
+from transformers import AutoModelForSequenceClassification, TrainerCallback
 
 from ort_trainer import ORTTrainer, ORTTrainingArguments
-from ort_trainer.benchmark import ARCHITECTURES
+from ort_trainer.benchmark import ARCHITECTURES, classifier_config, parameters_without_embeddings
 
 
 BACKENDS = {
@@ -64,20 +64,12 @@ def main():
     parser.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS))
     args = parser.parse_args()
 
-    config = AutoConfig.for_model(
-        **ARCHITECTURES[args.model],
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        vocab_size=30522,
-        max_position_embeddings=max(514, args.seq_length + 2),
-    )
+    config = classifier_config(args.model, args.seq_length)
     torch.manual_seed(0)
     initial = AutoModelForSequenceClassification.from_config(config).state_dict()
     data = rows(args.batch_size * args.steps, args.seq_length, config.vocab_size)
     with torch.device("meta"):
-        meta = AutoModelForSequenceClassification.from_config(config)
-    embeddings = {id(p) for m in meta.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    parameters = sum(p.numel() for p in meta.parameters() if id(p) not in embeddings)
+        parameters = parameters_without_embeddings(AutoModelForSequenceClassification.from_config(config))
 
     results = {}
     for backend in args.backends:

@@ -246,8 +246,7 @@ def _logged(pattern: str, text: str) -> str:
 
 
 def count_parameters(task: str, config_source) -> int:
-    """The parameters each token is multiplied by: the model's, less its embedding tables (counted on the meta
-    device, without memory)."""
+    """The parameters each token is multiplied by, counted on the meta device (without memory)."""
     import torch
     import transformers
 
@@ -258,10 +257,31 @@ def count_parameters(task: str, config_source) -> int:
     }[task]
     with torch.device("meta"):
         model = auto_class.from_config(transformers.AutoConfig.from_pretrained(config_source))
+    return parameters_without_embeddings(model)
+
+
+def parameters_without_embeddings(model) -> int:
+    """The parameters each token is multiplied by: the model's, less its embedding tables."""
+    import torch
+
     embeddings = {
         id(p) for module in model.modules() if isinstance(module, torch.nn.Embedding) for p in module.parameters()
     }
     return sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
+
+
+def classifier_config(model: str, seq_length: int):
+    """A published size as a sequence classifier's config, for benchmarks that build the model in process: BERT's
+    vocabulary, positions for `seq_length`, dropout off so that every backend computes the same losses."""
+    import transformers
+
+    return transformers.AutoConfig.for_model(
+        **ARCHITECTURES[model],
+        vocab_size=30522,
+        max_position_embeddings=max(514, seq_length + 2),
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
 
 
 def tflops(run: dict, parameters: int) -> dict:
