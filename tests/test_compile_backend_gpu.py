@@ -44,10 +44,17 @@ def train_losses(tmp_path, name, **overrides):
 
 
 @pytest.mark.parametrize("cuda_graphs", [False, True])
-def test_cuda_training_matches_pytorch(tmp_path, cuda_graphs):
+def test_cuda_training_matches_pytorch(tmp_path, monkeypatch, cuda_graphs):
+    replayed, run_replayed = [], compile_backend.ONNXRuntimeGraph._run_replayed
+    monkeypatch.setattr(
+        compile_backend.ONNXRuntimeGraph,
+        "_run_replayed",
+        lambda graph, inputs: replayed.append(graph.cuda_graph) or run_replayed(graph, inputs),
+    )
     reference, _, pytorch_model = train_losses(tmp_path, "pytorch", use_ort=False)
     losses, runs, model = train_losses(tmp_path, "ort", ort_cuda_graphs=cuda_graphs)
     assert runs == 12  # a forward and a backward graph each step, in ONNX Runtime
+    assert replayed == [True] * (12 if cuda_graphs else 0)  # through the buffers a captured CUDA graph reads
     assert losses == pytest.approx(reference, abs=1e-4)
     for (name, parameter), expected in zip(model.named_parameters(), pytorch_model.parameters(), strict=True):
         torch.testing.assert_close(parameter, expected, atol=1e-4, rtol=0, msg=name)
