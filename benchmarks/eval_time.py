@@ -5,10 +5,11 @@ For one random classifier, rows of about 22 real tokens padded to `--seq_length`
   row, PyTorch (SDPA, autocast) against the ONNX Runtime session `--inference_with_ort` builds;
 - ONNX Runtime CUDA graphs: the same graph with fixed shapes, captured and replayed (full width; trimmed batches
   padded up to 32-token buckets, one graph each, which computes more tokens than trimming);
-- `trainer.evaluate()` on the same rows, PyTorch and ONNX Runtime, with and without trimming (the second call, so
-  the export is not counted), and a profile of the ONNX Runtime loop's host time.
+- `trainer.evaluate()` on the same rows, PyTorch and ONNX Runtime, with and without trimming (after a first call,
+  so the export is not counted; `--repeats` runs of each in turns, and the median of the paired ratios), and a
+  profile of the ONNX Runtime loop's host time.
 
-Usage: python benchmarks/eval_time.py --model roberta-large [--batches 64] [--compute_only]
+Usage: python benchmarks/eval_time.py --model roberta-large [--batches 64] [--repeats 3] [--compute_only]
 """
 
 import argparse
@@ -23,7 +24,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from ort_trainer import ORTTrainer, ORTTrainingArguments, inference
-from ort_trainer.benchmark import ARCHITECTURES, classifier_config, parameters_without_embeddings
+from ort_trainer.benchmark import ARCHITECTURES, PEAK_TFLOPS, classifier_config, parameters_without_embeddings
 from ort_trainer.padding import trim_padding
 
 
@@ -83,6 +84,8 @@ def main():
     parser.add_argument("--seq_length", type=int, default=128)
     parser.add_argument("--batches", type=int, default=64)
     parser.add_argument("--compute_only", action="store_true", help="Skip the trainer.evaluate() part.")
+    parser.add_argument("--repeats", type=int, default=3, help="trainer.evaluate() runs of each kind, in turns.")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0)
     args = parser.parse_args()
     batch_size, length = args.batch_size, args.seq_length
 
@@ -152,13 +155,14 @@ def main():
     if args.compute_only:
         return
 
-    print(" trainer.evaluate(), the second call:")
-    profile_text = ""
+    print(f" trainer.evaluate(), after a first call (the export), median of {args.repeats} runs in turns:")
+    trainers = {}
     for trim in (False, True):
         for use_ort in (False, True):
             training_args = ORTTrainingArguments(
                 output_dir=f"/tmp/eval_time_{args.model}",
                 per_device_eval_batch_size=batch_size,
+                dataloader_num_workers=args.dataloader_num_workers,
                 fp16=True,
                 report_to=[],
                 inference_with_ort=use_ort,
@@ -166,9 +170,13 @@ def main():
                 use_ort=False,
                 disable_tqdm=True,
             )
-            trainer = ORTTrainer(model=model, args=training_args, eval_dataset=rows)
-            trainer.evaluate()
-            profiler = cProfile.Profile() if use_ort and not trim else None
+            trainers[trim, use_ort] = ORTTrainer(model=model, args=training_args, eval_dataset=rows)
+            trainers[trim, use_ort].evaluate()
+    throughput = {key: [] for key in trainers}
+    profile_text = ""
+    for repeat in range(args.repeats):
+        for (trim, use_ort), trainer in trainers.items():
+            profiler = cProfile.Profile() if use_ort and not trim and repeat == 0 else None
             if profiler:
                 profiler.enable()
             metrics = trainer.evaluate()
@@ -178,10 +186,21 @@ def main():
                 pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(14)
                 profile_text = text.getvalue()
             seconds = metrics["eval_runtime"] - metrics.get("eval_ort_setup_seconds", 0)
+            throughput[trim, use_ort].append(len(rows) / seconds)
+    peak = next((tflops for name, tflops in PEAK_TFLOPS.items() if name in torch.cuda.get_device_name()), None)
+    for trim in (False, True):
+        tokens_per_sample = sum(batch["input_ids"].numel() for batch in (trimmed if trim else full)) / len(rows)
+        for use_ort in (False, True):
+            samples = statistics.median(throughput[trim, use_ort])
+            tflops = 2 * parameters * tokens_per_sample * samples / 1e12
             print(
-                f"  {'ONNX Runtime' if use_ort else 'PyTorch':12s} trim_padding={trim!s:5s} "
-                f"{len(rows) / seconds:9.0f} samples/s ({1000 * seconds / args.batches:.2f} ms a batch)"
+                f"  {'ONNX Runtime' if use_ort else 'PyTorch':12s} trim_padding={trim!s:5s} {samples:9.0f} samples/s "
+                f"{tflops:6.1f} TFLOP/s{f' ({tflops / peak:.0%} of peak)' if peak else ''}, "
+                f"{1000 * batch_size / samples:.2f} ms a batch; runs: "
+                f"{', '.join(f'{value:.0f}' for value in throughput[trim, use_ort])}"
             )
+        ratios = [ort / pytorch for ort, pytorch in zip(throughput[trim, True], throughput[trim, False])]
+        print(f"  trim_padding={trim}: ONNX Runtime / PyTorch, median of paired runs {statistics.median(ratios):.2f}x")
     print(" the ONNX Runtime loop at full width, by own time:")
     print("\n".join(line for line in profile_text.splitlines()[6:] if line.strip()))
 

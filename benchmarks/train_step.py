@@ -1,17 +1,17 @@
 """Training step time of one classifier in PyTorch eager, in ONNX Runtime's compile backend and in torch.compile
 (inductor), on the same tokens (every row 128 real tokens, no padding), after warm-up, in one process:
 
-- median step time, samples/s and achieved TFLOP/s (6 x parameters without embeddings x tokens);
-- the most device memory in use at a step's end, read from the device (ONNX Runtime allocates outside PyTorch's
-  allocator, so `torch.cuda.max_memory_allocated` would miss it);
-- each backend's losses against eager's.
+- mean step time over the steps after warm-up (timed from the first one's start to the last one's end on the
+  device, with no wait in between), samples/s and achieved TFLOP/s (6 x parameters without embeddings x tokens);
+- the device memory in use at the end, read from the device (ONNX Runtime allocates outside PyTorch's allocator,
+  so `torch.cuda.max_memory_allocated` would miss it; both allocators keep what they reserved);
+- each backend's logged losses against eager's.
 
 Usage: python benchmarks/train_step.py --model bert-base --batch_size 32 --fp16 [--backends eager ort inductor]
 [--optim adamw_torch_fused]
 """
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -30,20 +30,29 @@ BACKENDS = {
 
 
 class StepTimer(TrainerCallback):
-    """Each step's time, and the most device memory in use at a step's end."""
+    """The mean time of the steps after `warmup`, from the first one's start to the last one's end on the device,
+    with no wait in between (as in a real run), and the device memory in use then."""
 
-    def __init__(self):
-        self.times, self.memory, self._start = [], 0, None
+    def __init__(self, warmup):
+        self.warmup, self.seconds, self.memory, self._start = warmup, None, 0, None
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._start = time.perf_counter()
+        if state.global_step == self.warmup:
+            self._synchronize()
+            self._start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == state.max_steps:
+            self._synchronize()
+            self.seconds = (time.perf_counter() - self._start) / (state.global_step - self.warmup)
+            if torch.cuda.is_available():
+                free, total = torch.cuda.mem_get_info()
+                self.memory = total - free
+
+    @staticmethod
+    def _synchronize():
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-            free, total = torch.cuda.mem_get_info()
-            self.memory = max(self.memory, total - free)
-        self.times.append(time.perf_counter() - self._start)
 
 
 def rows(count, length, vocab, seed=0):
@@ -59,6 +68,9 @@ def main():
     parser.add_argument("--seq_length", type=int, default=128)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=10, help="Steps left out of the timing (exports, compiles).")
+    parser.add_argument(
+        "--logging_steps", type=int, default=10, help="Losses are compared at these steps (a log waits for the GPU)."
+    )
     parser.add_argument("--fp16", action="store_true")
     parser.add_argument("--optim", default="adamw_torch", help="The optimizer of every row, e.g. adamw_torch_fused.")
     parser.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS))
@@ -80,7 +92,7 @@ def main():
             per_device_train_batch_size=args.batch_size,
             max_steps=args.steps,
             learning_rate=1e-5,
-            logging_steps=1,
+            logging_steps=args.logging_steps,
             save_strategy="no",
             report_to=[],
             seed=0,
@@ -89,12 +101,11 @@ def main():
             disable_tqdm=True,
             **BACKENDS[backend],
         )
-        timer = StepTimer()
+        timer = StepTimer(args.warmup)
         trainer = ORTTrainer(model=model, args=training_args, train_dataset=data, callbacks=[timer])
         trainer.train()
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-        seconds = statistics.median(timer.times[args.warmup :])
-        results[backend] = dict(seconds=seconds, losses=losses, memory=timer.memory)
+        results[backend] = dict(seconds=timer.seconds, losses=losses, memory=timer.memory)
         del trainer, model
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
@@ -102,7 +113,7 @@ def main():
     print(
         f"\n{args.model}, batch {args.batch_size} x {args.seq_length} real tokens, {'fp16' if args.fp16 else 'fp32'}, "
         f"{args.optim}, "
-        f"median of steps {args.warmup + 1}-{args.steps}, {parameters / 1e6:.0f}M parameters without embeddings\n"
+        f"mean of steps {args.warmup + 1}-{args.steps}, {parameters / 1e6:.0f}M parameters without embeddings\n"
     )
     print(
         "| Backend | ms/step | samples/s | TFLOP/s | vs eager | device memory (GiB) | max loss difference vs eager |"

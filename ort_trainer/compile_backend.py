@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from . import cuda_streams
 from .inference.session import NUMPY_TYPES, ONNX_TYPES
 from .ortmodule import cache_dir
 
@@ -125,8 +126,8 @@ def _device_of(example_inputs) -> torch.device:
 
 
 def create_session(path: Path, device: torch.device, cuda_graph: bool = False):
-    """An InferenceSession for `device`: the CUDA provider on the tensors' stream for CUDA (capturing its run as a
-    CUDA graph with `cuda_graph`), else the CPU provider."""
+    """An InferenceSession for `device`: the CUDA provider on the device's `cuda_streams.ort_stream` for CUDA
+    (capturing its run as a CUDA graph with `cuda_graph`), else the CPU provider."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -140,14 +141,12 @@ def create_session(path: Path, device: torch.device, cuda_graph: bool = False):
             f"The installed onnxruntime has no provider for {device}. To fix: pip install onnxruntime-gpu "
             "(alone: uninstall other onnxruntime builds first)."
         )
-    cuda_options = {
-        "device_id": device.index or 0,
-        # ORT then runs on PyTorch's stream, so it sees the inputs PyTorch wrote and PyTorch sees its outputs.
-        "user_compute_stream": str(torch.cuda.current_stream(device).cuda_stream),
-        "enable_cuda_graph": "1" if cuda_graph else "0",
+    cuda_options = cuda_streams.provider_options(
+        device,
+        enable_cuda_graph="1" if cuda_graph else "0",
         # TF32 matrix products only where PyTorch uses them (`torch.backends.cuda.matmul.allow_tf32`, `--tf32`).
-        "use_tf32": "1" if torch.backends.cuda.matmul.allow_tf32 else "0",
-    }
+        use_tf32="1" if torch.backends.cuda.matmul.allow_tf32 else "0",
+    )
     return onnxruntime.InferenceSession(str(path), options, providers=[("CUDAExecutionProvider", cuda_options)])
 
 
@@ -216,7 +215,7 @@ class ONNXRuntimeGraph:
         self._bind_inputs(binding, inputs)
         for name in self.output_names:
             binding.bind_output(name, self.device.type, self.device.index or 0)  # ONNX Runtime allocates each
-        self.session.run_with_iobinding(binding)
+        self._run_binding(binding)
         return list(map(_to_torch, binding.get_outputs(), self.bool_outputs))
 
     def _run_replayed(self, inputs: list) -> list:
@@ -225,11 +224,17 @@ class ONNXRuntimeGraph:
         binding, input_buffers, output_buffers = self._replay
         for buffer, value in zip(input_buffers, inputs):
             buffer.copy_(value)
-        self.session.run_with_iobinding(binding)
+        self._run_binding(binding)
         return [
             inputs[self._passed_through[index]] if index in self._passed_through else buffer.clone()
             for index, buffer in enumerate(output_buffers)
         ]
+
+    def _run_binding(self, binding):
+        if self.device.type == "cuda":
+            cuda_streams.run_with_iobinding(self.session, binding, self.device)
+        else:
+            self.session.run_with_iobinding(binding)
 
     def _bind_buffers(self, inputs: list) -> tuple:
         """Input buffers on the graph's device (a 0-d CPU scalar too: a replay cannot copy from the host), and

@@ -58,3 +58,35 @@ def test_cuda_training_matches_pytorch(tmp_path, monkeypatch, cuda_graphs):
     assert losses == pytest.approx(reference, abs=1e-4)
     for (name, parameter), expected in zip(model.named_parameters(), pytorch_model.parameters(), strict=True):
         torch.testing.assert_close(parameter, expected, atol=1e-4, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_compiled_step_runs_after_queued_pytorch_work_without_waiting_for_it(cuda_graphs):
+    """Forward and backward in ONNX Runtime start after the PyTorch work queued before them (here: writing the
+    batch, behind a second of GPU sleep) and return before the GPU gets there, as PyTorch's own step would."""
+    model = tiny_model("bert").cuda()
+    compiled = compile_backend.compile_model(model, cuda_graphs=cuda_graphs)
+    rows = tiny_dataset("bert", size=8)
+    batch = {name: torch.stack([row[name] for row in rows]).cuda() for name in rows[0]}
+
+    def step(inputs):
+        model.zero_grad()
+        loss = compiled(**inputs).loss
+        loss.backward()
+        return loss.detach(), [parameter.grad for parameter in model.parameters()]
+
+    expected_loss, expected_gradients = step(batch)
+    inputs = {name: torch.zeros_like(value) for name, value in batch.items()}
+    torch.cuda.synchronize()
+    runs = compile_backend.stats.session_runs
+    torch.cuda._sleep(2_000_000_000)
+    for name, value in batch.items():
+        inputs[name].copy_(value)
+    loss, gradients = step(inputs)
+    returned = torch.cuda.Event()
+    returned.record()
+    assert not returned.query()  # the GPU is still asleep: both runs were queued, not waited for
+    assert compile_backend.stats.session_runs - runs == 2
+    torch.testing.assert_close(loss, expected_loss, atol=1e-6, rtol=0)
+    for gradient, expected in zip(gradients, expected_gradients, strict=True):
+        torch.testing.assert_close(gradient, expected, atol=1e-6, rtol=0)

@@ -59,6 +59,24 @@ def test_fp16_cuda_session_agrees_with_pytorch_fp16(head, tmp_path):
     assert agreement >= 0.999
 
 
+def test_session_runs_after_queued_pytorch_work_without_waiting_for_it(tmp_path):
+    """A run starts after the PyTorch work queued before it (here: writing its inputs, behind a second of GPU
+    sleep) and returns before the GPU gets there, as a PyTorch forward would."""
+    model, batch = model_and_batch("sequence")
+    session = Classifier.load(model, batch, tmp_path).session
+    expected = session(batch)["logits"]
+    inputs = {name: torch.zeros_like(value) for name, value in batch.items()}
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)
+    for name, value in batch.items():
+        inputs[name].copy_(value)
+    logits = session(inputs)["logits"]
+    returned = torch.cuda.Event()
+    returned.record()
+    assert not returned.query()  # the GPU is still asleep: the run was queued, not waited for
+    torch.testing.assert_close(logits, expected, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("name", ["t5", "bart"])
 def test_cuda_generation_equals_pytorch(name, tmp_path):
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import threads
+from .. import cuda_streams, threads
 from ..import_utils import is_onnxruntime_available, onnxruntime_providers
 
 
@@ -105,8 +105,8 @@ def create_inference_session(path: Path, provider: str, device: torch.device):
     # ORT's threads spin for work after each run by default, taking the cores from the PyTorch code that runs
     # between sessions (collation, metrics, generation's search).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    provider_options = [{"device_id": str(device.index or 0)}] if provider == "CUDAExecutionProvider" else [{}]
-    return onnxruntime.InferenceSession(str(path), options, providers=[provider], provider_options=provider_options)
+    provider_options = cuda_streams.provider_options(device) if provider == "CUDAExecutionProvider" else {}
+    return onnxruntime.InferenceSession(str(path), options, providers=[provider], provider_options=[provider_options])
 
 
 @dataclass
@@ -141,7 +141,8 @@ class ONNXModel:
         return {name: torch.from_numpy(value).to(self.device) for name, value in zip(self.output_names, values)}
 
     def _run_with_io_binding(self, feeds: dict) -> dict:
-        """Inputs read from and outputs written to torch tensors on the GPU: no host round trip per batch."""
+        """Inputs read from and outputs written to torch tensors on the GPU: no host round trip per batch, and no
+        wait for the GPU (`cuda_streams`)."""
         binding = self.session.io_binding()
         device_id = self.device.index or 0
         for name, tensor in feeds.items():
@@ -153,7 +154,7 @@ class ONNXModel:
         for name, (shape, dtype) in self._output_shapes(feeds).items():
             outputs[name] = torch.empty(shape, dtype=dtype, device=self.device)
             binding.bind_output(name, "cuda", device_id, NUMPY_TYPES[dtype], shape, outputs[name].data_ptr())
-        self.session.run_with_iobinding(binding)
+        cuda_streams.run_with_iobinding(self.session, binding, self.device)
         return outputs
 
     @functools.cached_property
