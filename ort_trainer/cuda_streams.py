@@ -4,8 +4,8 @@ A session run on CUDA normally ends by waiting for its kernels, so the host time
 batch, the Trainer's bookkeeping, the optimizer's launches) adds to the GPU time, where PyTorch's queue of kernels
 hides it. Here each device's sessions run on one stream of their own that waits for PyTorch's current stream before
 a run, and PyTorch's stream waits for it after: both waits happen on the GPU, and the run returns once its kernels
-are queued. Every later PyTorch kernel on that stream comes after ONNX Runtime's, so inputs may be freed and outputs
-read as soon as the run returns.
+are queued (unless one of the graph's operators waits itself: docs/gpu.md). Every later PyTorch kernel on that
+stream comes after ONNX Runtime's, so inputs may be freed and outputs read as soon as the run returns.
 """
 
 import functools
@@ -34,7 +34,7 @@ def provider_options(device: torch.device, **options) -> dict:
 
 
 @functools.cache
-def _queue_only():
+def _run_options_without_wait():
     import onnxruntime
 
     run_options = onnxruntime.RunOptions()
@@ -46,5 +46,5 @@ def run_with_iobinding(session, binding, device: torch.device) -> None:
     """Queue the session's run on `device` after PyTorch's pending work and before its next, and return."""
     current, stream = torch.cuda.current_stream(device), ort_stream(device)
     stream.wait_stream(current)
-    session.run_with_iobinding(binding, _queue_only())
+    session.run_with_iobinding(binding, _run_options_without_wait())
     current.wait_stream(stream)
