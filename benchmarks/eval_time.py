@@ -9,7 +9,8 @@ For one random classifier, rows of about 22 real tokens padded to `--seq_length`
   so the export is not counted; `--repeats` runs of each in turns, and the median of the paired ratios), and a
   profile of the ONNX Runtime loop's host time.
 
-Usage: python benchmarks/eval_time.py --model roberta-large [--batches 64] [--repeats 3] [--compute_only]
+Usage: python benchmarks/eval_time.py --model roberta-large [--batches 64] [--repeats 3] [--non_blocking]
+[--compute_only]
 """
 
 import argparse
@@ -86,6 +87,11 @@ def main():
     parser.add_argument("--compute_only", action="store_true", help="Skip the trainer.evaluate() part.")
     parser.add_argument("--repeats", type=int, default=3, help="trainer.evaluate() runs of each kind, in turns.")
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    parser.add_argument(
+        "--non_blocking",
+        action="store_true",
+        help="Copy each batch to the device without waiting (accelerate's `non_blocking`, from pinned memory).",
+    )
     args = parser.parse_args()
     batch_size, length = args.batch_size, args.seq_length
 
@@ -163,6 +169,7 @@ def main():
                 output_dir=f"/tmp/eval_time_{args.model}",
                 per_device_eval_batch_size=batch_size,
                 dataloader_num_workers=args.dataloader_num_workers,
+                accelerator_config={"non_blocking": args.non_blocking},
                 fp16=True,
                 report_to=[],
                 inference_with_ort=use_ort,
