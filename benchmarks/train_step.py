@@ -5,13 +5,16 @@
   device, with no wait in between), samples/s and achieved TFLOP/s (6 x parameters without embeddings x tokens);
 - the device memory in use at the end, read from the device (ONNX Runtime allocates outside PyTorch's allocator,
   so `torch.cuda.max_memory_allocated` would miss it; both allocators keep what they reserved);
-- each backend's logged losses against eager's.
+- each backend's logged losses against eager's;
+- with `--repeats`, the backends run in turns, and each figure is the median of its runs (the ratio: of the paired
+  runs' ratios).
 
 Usage: python benchmarks/train_step.py --model bert-base --batch_size 32 --fp16 [--backends eager ort inductor]
-[--optim adamw_torch_fused]
+[--optim adamw_torch_fused] [--repeats 3]
 """
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -74,6 +77,7 @@ def main():
     parser.add_argument("--fp16", action="store_true")
     parser.add_argument("--optim", default="adamw_torch", help="The optimizer of every row, e.g. adamw_torch_fused.")
     parser.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS))
+    parser.add_argument("--repeats", type=int, default=1, help="Runs of each backend, in turns (medians reported).")
     args = parser.parse_args()
 
     config = classifier_config(args.model, args.seq_length)
@@ -83,8 +87,7 @@ def main():
     with torch.device("meta"):
         parameters = parameters_without_embeddings(AutoModelForSequenceClassification.from_config(config))
 
-    results = {}
-    for backend in args.backends:
+    def train(backend):
         model = AutoModelForSequenceClassification.from_config(config)
         model.load_state_dict(initial)
         training_args = ORTTrainingArguments(
@@ -105,28 +108,38 @@ def main():
         trainer = ORTTrainer(model=model, args=training_args, train_dataset=data, callbacks=[timer])
         trainer.train()
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-        results[backend] = dict(seconds=timer.seconds, losses=losses, memory=timer.memory)
         del trainer, model
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        return dict(seconds=timer.seconds, losses=losses, memory=timer.memory)
 
-    eager = results.get("eager")
+    runs = {backend: [] for backend in args.backends}
+    for _ in range(args.repeats):
+        for backend in args.backends:
+            runs[backend].append(train(backend))
+
+    eager = runs.get("eager")
     print(
         f"\n{args.model}, batch {args.batch_size} x {args.seq_length} real tokens, {'fp16' if args.fp16 else 'fp32'}, "
-        f"{args.optim}, "
-        f"mean of steps {args.warmup + 1}-{args.steps}, {parameters / 1e6:.0f}M parameters without embeddings\n"
+        f"{args.optim}, mean of steps {args.warmup + 1}-{args.steps}, median of {args.repeats} runs in turns, "
+        f"{parameters / 1e6:.0f}M parameters without embeddings\n"
     )
     print(
-        "| Backend | ms/step | samples/s | TFLOP/s | vs eager | device memory (GiB) | max loss difference vs eager |"
+        "| Backend | ms/step (runs) | samples/s | TFLOP/s | vs eager (median of paired runs) | device memory (GiB) "
+        "| max loss difference vs eager |"
     )
     print("|---|---|---|---|---|---|---|")
-    for backend, result in results.items():
-        samples = args.batch_size / result["seconds"]
-        flops = 6 * parameters * args.batch_size * args.seq_length / result["seconds"] / 1e12
-        ratio = f"{eager['seconds'] / result['seconds']:.2f}x" if eager else "-"
-        drift = max(abs(a - b) for a, b in zip(result["losses"], eager["losses"])) if eager else float("nan")
+    for backend, results in runs.items():
+        seconds = statistics.median(result["seconds"] for result in results)
+        samples = args.batch_size / seconds
+        flops = 6 * parameters * args.batch_size * args.seq_length / seconds / 1e12
+        each = ", ".join(f"{1000 * result['seconds']:.1f}" for result in results)
+        ratio, drift = "-", float("nan")
+        if eager:
+            ratio = f"{statistics.median(e['seconds'] / r['seconds'] for e, r in zip(eager, results)):.2f}x"
+            drift = max(abs(a - b) for a, b in zip(results[0]["losses"], eager[0]["losses"]))
         print(
-            f"| {backend} | {1000 * result['seconds']:.1f} | {samples:.0f} | {flops:.1f} | {ratio} | "
-            f"{result['memory'] / 2**30:.1f} | {drift:.1e} |"
+            f"| {backend} | {1000 * seconds:.1f} ({each}) | {samples:.0f} | {flops:.1f} | {ratio} | "
+            f"{max(result['memory'] for result in results) / 2**30:.1f} | {drift:.1e} |"
         )
 
 
