@@ -2,7 +2,8 @@
 (inductor), on the same tokens (every row 128 real tokens, no padding), after warm-up, in one process:
 
 - mean step time over the steps after warm-up (timed from the first one's start to the last one's end on the
-  device, with no wait in between), samples/s and achieved TFLOP/s (6 x parameters without embeddings x tokens);
+  device; the timer adds no wait in between, the Trainer's own NaN check of each step's loss, on by default, reads
+  it on the host), samples/s and achieved TFLOP/s (6 x parameters without embeddings x tokens);
 - the device memory in use at the end, read from the device (ONNX Runtime allocates outside PyTorch's allocator,
   so `torch.cuda.max_memory_allocated` would miss it; both allocators keep what they reserved);
 - each backend's logged losses against eager's;
@@ -14,6 +15,7 @@ Usage: python benchmarks/train_step.py --model bert-base --batch_size 32 --fp16 
 """
 
 import argparse
+import gc
 import statistics
 import time
 
@@ -34,7 +36,7 @@ BACKENDS = {
 
 class StepTimer(TrainerCallback):
     """The mean time of the steps after `warmup`, from the first one's start to the last one's end on the device,
-    with no wait in between (as in a real run), and the device memory in use then."""
+    adding no wait in between, and the device memory in use then."""
 
     def __init__(self, warmup):
         self.warmup, self.seconds, self.memory, self._start = warmup, None, 0, None
@@ -109,6 +111,8 @@ def main():
         trainer.train()
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         del trainer, model
+        torch._dynamo.reset()  # dynamo's cache would keep this run's graphs, sessions and buffers alive
+        gc.collect()
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
         return dict(seconds=timer.seconds, losses=losses, memory=timer.memory)
 

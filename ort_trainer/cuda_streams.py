@@ -4,8 +4,9 @@ A session run on CUDA normally ends by waiting for its kernels, so the host time
 batch, the Trainer's bookkeeping, the optimizer's launches) adds to the GPU time, where PyTorch's queue of kernels
 hides it. Here each device's sessions run on one stream of their own that waits for PyTorch's current stream before
 a run, and PyTorch's stream waits for it after: both waits happen on the GPU, and the run returns once its kernels
-are queued (unless one of the graph's operators waits itself: docs/gpu.md). Every later PyTorch kernel on that
-stream comes after ONNX Runtime's, so inputs may be freed and outputs read as soon as the run returns.
+are queued (unless one of the graph's operators waits itself: docs/gpu.md). Every later PyTorch kernel on the
+current stream comes after ONNX Runtime's, so inputs may be freed and outputs read there as soon as the run returns
+(on another stream, make it wait for the current one first, as for any PyTorch output).
 """
 
 import functools
@@ -46,5 +47,7 @@ def run_with_iobinding(session, binding, device: torch.device) -> None:
     """Queue the session's run on `device` after PyTorch's pending work and before its next, and return."""
     current, stream = torch.cuda.current_stream(device), ort_stream(device)
     stream.wait_stream(current)
-    session.run_with_iobinding(binding, _run_options_without_wait())
-    current.wait_stream(stream)
+    try:
+        session.run_with_iobinding(binding, _run_options_without_wait())
+    finally:  # a failed run may have queued kernels that still read the inputs
+        current.wait_stream(stream)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ort_trainer import ORTTrainer, ORTTrainingArguments, compile_backend, transformers_compat
+from ort_trainer import ORTTrainer, ORTTrainingArguments, compile_backend, cuda_streams, transformers_compat
 from ort_trainer.import_utils import onnxruntime_providers
 
 from .tiny_models import tiny_dataset, tiny_model
@@ -61,35 +61,46 @@ def test_cuda_training_matches_pytorch(tmp_path, monkeypatch, cuda_graphs):
 
 
 @pytest.mark.parametrize("cuda_graphs", [False, True])
-def test_compiled_step_runs_after_queued_pytorch_work(cuda_graphs):
-    """Forward and backward in ONNX Runtime start after the PyTorch work queued before them (here: writing the
-    batch, behind a second of GPU sleep). With CUDA graphs they also return before the GPU gets there, as PyTorch's
-    own step would; without, the backward graph's run waits for the GPU once (docs/gpu.md)."""
+def test_compiled_step_runs_in_order_with_pytorch(cuda_graphs):
+    """Forward and backward in ONNX Runtime start after the PyTorch work queued before them (writing the batch,
+    behind a GPU sleep), and PyTorch's later work comes after them (reading the loss and gradients while the
+    sessions' stream sleeps longer). The forward returns before the GPU gets there, as PyTorch's would; so does the
+    backward with CUDA graphs (without, its run waits for the GPU once: docs/gpu.md)."""
     model = tiny_model("bert").cuda()
     compiled = compile_backend.compile_model(model, cuda_graphs=cuda_graphs)
     rows = tiny_dataset("bert", size=8)
     batch = {name: torch.stack([row[name] for row in rows]).cuda() for name in rows[0]}
     transformers_compat.settle_problem_type(model, batch["labels"])  # as the trainer does: one pair of graphs
 
-    def step(inputs):
+    def forward(inputs):
         model.zero_grad()
-        loss = compiled(**inputs).loss
-        loss.backward()
-        return loss.detach(), [parameter.grad for parameter in model.parameters()]
+        return compiled(**inputs).loss
 
-    expected_loss, expected_gradients = step(batch)
+    def backward(loss):
+        loss.backward()
+        return [parameter.grad for parameter in model.parameters()]
+
+    for _ in range(3):  # ONNX Runtime captures a graph on its second run and only replays it from the third
+        expected_loss = forward(batch)
+        expected_gradients = backward(expected_loss)
     inputs = {name: torch.zeros_like(value) for name, value in batch.items()}
     torch.cuda.synchronize()
     graphs, runs = compile_backend.stats.graphs_built, compile_backend.stats.session_runs
-    torch.cuda._sleep(2_000_000_000)
+    torch.cuda._sleep(1_000_000_000)
     for name, value in batch.items():
         inputs[name].copy_(value)
-    loss, gradients = step(inputs)
-    returned = torch.cuda.Event()
-    returned.record()
+    with torch.cuda.stream(cuda_streams.ort_stream(batch["input_ids"].device)):
+        torch.cuda._sleep(2_000_000_000)
+    loss = forward(inputs)
+    forward_returned = torch.cuda.Event()
+    forward_returned.record()
+    gradients = backward(loss)
+    step_returned = torch.cuda.Event()
+    step_returned.record()
+    read = [loss.clone()] + [gradient.clone() for gradient in gradients]
+    assert not forward_returned.query()  # the GPU is still asleep: the forward was queued, not waited for
     if cuda_graphs:
-        assert not returned.query()  # the GPU is still asleep: both runs were queued, not waited for
+        assert not step_returned.query()  # and so was the backward
     assert (compile_backend.stats.graphs_built, compile_backend.stats.session_runs) == (graphs, runs + 2)
-    torch.testing.assert_close(loss, expected_loss, atol=1e-6, rtol=0)
-    for gradient, expected in zip(gradients, expected_gradients, strict=True):
-        torch.testing.assert_close(gradient, expected, atol=1e-6, rtol=0)
+    for value, expected in zip(read, [expected_loss.detach()] + expected_gradients, strict=True):
+        torch.testing.assert_close(value, expected, atol=1e-6, rtol=0)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from ort_trainer import cuda_streams
 from ort_trainer.import_utils import onnxruntime_providers
 from ort_trainer.inference.classification import Classifier
 from ort_trainer.inference.seq2seq import Seq2SeqLM
@@ -59,22 +60,28 @@ def test_fp16_cuda_session_agrees_with_pytorch_fp16(head, tmp_path):
     assert agreement >= 0.999
 
 
-def test_session_runs_after_queued_pytorch_work_without_waiting_for_it(tmp_path):
-    """A run starts after the PyTorch work queued before it (here: writing its inputs, behind a second of GPU
-    sleep) and returns before the GPU gets there, as a PyTorch forward would."""
+def test_session_runs_in_order_with_pytorch_without_waiting_for_the_gpu(tmp_path):
+    """A run starts after the PyTorch work queued before it (writing its inputs, behind a GPU sleep), PyTorch's
+    later work comes after the run (reusing the inputs' memory, reading the outputs, while the session's stream
+    sleeps longer), and the run returns before the GPU gets there, as a PyTorch forward would."""
     model, batch = model_and_batch("sequence")
     session = Classifier.load(model, batch, tmp_path).session
     expected = session(batch)["logits"]
     inputs = {name: torch.zeros_like(value) for name, value in batch.items()}
     torch.cuda.synchronize()
-    torch.cuda._sleep(2_000_000_000)
+    torch.cuda._sleep(1_000_000_000)
     for name, value in batch.items():
         inputs[name].copy_(value)
+    with torch.cuda.stream(cuda_streams.ort_stream(expected.device)):
+        torch.cuda._sleep(2_000_000_000)
     logits = session(inputs)["logits"]
     returned = torch.cuda.Event()
     returned.record()
+    del inputs
+    _overwrite = [torch.full_like(value, 1) for value in batch.values()]  # likely in the inputs' freed memory
+    read = logits.clone()
     assert not returned.query()  # the GPU is still asleep: the run was queued, not waited for
-    torch.testing.assert_close(logits, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(read, expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["t5", "bart"])
