@@ -63,14 +63,15 @@ class CUDAGraphSession:
         provider = ("CUDAExecutionProvider", cuda_streams.provider_options(self.device, enable_cuda_graph="1"))
         self.session = onnxruntime.InferenceSession(str(fixed), providers=[provider])
         self.inputs = {
-            node.name: torch.zeros((batch_size, width), dtype=torch.long, device="cuda")
+            node.name: torch.zeros((batch_size, width), dtype=torch.long, device=self.device)
             for node in self.session.get_inputs()
         }
-        self.logits = torch.empty((batch_size, num_labels), dtype=torch.float32, device="cuda")
+        self.logits = torch.empty((batch_size, num_labels), dtype=torch.float32, device=self.device)
         self.binding = self.session.io_binding()
+        index = self.device.index
         for name, tensor in self.inputs.items():
-            self.binding.bind_input(name, "cuda", 0, np.int64, list(tensor.shape), tensor.data_ptr())
-        self.binding.bind_output("logits", "cuda", 0, np.float32, list(self.logits.shape), self.logits.data_ptr())
+            self.binding.bind_input(name, "cuda", index, np.int64, list(tensor.shape), tensor.data_ptr())
+        self.binding.bind_output("logits", "cuda", index, np.float32, list(self.logits.shape), self.logits.data_ptr())
 
     def __call__(self, batch):
         for name, tensor in self.inputs.items():

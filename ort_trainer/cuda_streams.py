@@ -26,10 +26,11 @@ def _stream(index: int) -> torch.cuda.Stream:
 
 def provider_options(device: torch.device, **options) -> dict:
     """CUDAExecutionProvider options that put a session on `device` and its `ort_stream`."""
+    stream = ort_stream(device)
     return {
-        "device_id": str(ort_stream(device).device.index),
+        "device_id": str(stream.device.index),
         "has_user_compute_stream": "1",
-        "user_compute_stream": str(ort_stream(device).cuda_stream),
+        "user_compute_stream": str(stream.cuda_stream),
         **options,
     }
 
