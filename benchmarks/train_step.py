@@ -1,5 +1,6 @@
-"""Training step time of one classifier in PyTorch eager, in ONNX Runtime's compile backend and in torch.compile
-(inductor), on the same tokens (every row 128 real tokens, no padding), after warm-up, in one process:
+"""Training step time of one classifier (sequence or, with `--task token-classification`, token) in PyTorch eager,
+in ONNX Runtime's compile backend and in torch.compile (inductor), on the same tokens (every row 128 real tokens, no
+padding), after warm-up, in one process:
 
 - mean step time over the steps after warm-up (timed from the first one's start to the last one's end on the
   device; the timer adds no wait in between, the Trainer's own NaN check of each step's loss, on by default, reads
@@ -11,7 +12,7 @@
   runs' ratios).
 
 Usage: python benchmarks/train_step.py --model bert-base --batch_size 32 --fp16 [--backends eager ort inductor]
-[--optim adamw_torch_fused] [--repeats 3]
+[--optim adamw_torch_fused] [--repeats 3] [--task token-classification]
 """
 
 import argparse
@@ -20,7 +21,7 @@ import statistics
 import time
 
 import torch
-from transformers import AutoModelForSequenceClassification, TrainerCallback
+from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, TrainerCallback
 
 from ort_trainer import ORTTrainer, ORTTrainingArguments
 from ort_trainer.benchmark import ARCHITECTURES, classifier_config, parameters_without_embeddings
@@ -31,6 +32,10 @@ BACKENDS = {
     "ort": dict(use_ort=True, ort_backend="compile", ort_fallback="error"),
     "ort-cuda-graphs": dict(use_ort=True, ort_backend="compile", ort_fallback="error", ort_cuda_graphs=True),
     "inductor": dict(use_ort=False, torch_compile=True),
+}
+TASKS = {
+    "sequence-classification": AutoModelForSequenceClassification,
+    "token-classification": AutoModelForTokenClassification,
 }
 
 
@@ -60,16 +65,20 @@ class StepTimer(TrainerCallback):
             torch.cuda.synchronize()
 
 
-def rows(count, length, vocab, seed=0):
+def rows(count, length, vocab, per_token_labels, seed=0):
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, vocab, (count, length), generator=generator)
-    return [{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row[1] % 2} for row in ids]
+    return [
+        {"input_ids": row, "attention_mask": torch.ones_like(row), "labels": (row if per_token_labels else row[1]) % 2}
+        for row in ids
+    ]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=[name for name in ARCHITECTURES if "t5" not in name], default="bert-base")
     parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--task", choices=list(TASKS), default="sequence-classification")
     parser.add_argument("--seq_length", type=int, default=128)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=10, help="Steps left out of the timing (exports, compiles).")
@@ -83,14 +92,15 @@ def main():
     args = parser.parse_args()
 
     config = classifier_config(args.model, args.seq_length)
+    model_class = TASKS[args.task]
     torch.manual_seed(0)
-    initial = AutoModelForSequenceClassification.from_config(config).state_dict()
-    data = rows(args.batch_size * args.steps, args.seq_length, config.vocab_size)
+    initial = model_class.from_config(config).state_dict()
+    data = rows(args.batch_size * args.steps, args.seq_length, config.vocab_size, args.task == "token-classification")
     with torch.device("meta"):
-        parameters = parameters_without_embeddings(AutoModelForSequenceClassification.from_config(config))
+        parameters = parameters_without_embeddings(model_class.from_config(config))
 
     def train(backend):
-        model = AutoModelForSequenceClassification.from_config(config)
+        model = model_class.from_config(config)
         model.load_state_dict(initial)
         training_args = ORTTrainingArguments(
             output_dir=f"/tmp/train_step_{backend}",
@@ -123,9 +133,9 @@ def main():
 
     eager = runs.get("eager")
     print(
-        f"\n{args.model}, batch {args.batch_size} x {args.seq_length} real tokens, {'fp16' if args.fp16 else 'fp32'}, "
-        f"{args.optim}, mean of steps {args.warmup + 1}-{args.steps}, median of {args.repeats} runs in turns, "
-        f"{parameters / 1e6:.0f}M parameters without embeddings\n"
+        f"\n{args.model} {args.task}, batch {args.batch_size} x {args.seq_length} real tokens, "
+        f"{'fp16' if args.fp16 else 'fp32'}, {args.optim}, mean of steps {args.warmup + 1}-{args.steps}, "
+        f"median of {args.repeats} runs in turns, {parameters / 1e6:.0f}M parameters without embeddings\n"
     )
     print(
         "| Backend | ms/step (runs) | samples/s | TFLOP/s | vs eager (median of paired runs) | device memory (GiB) "

@@ -60,6 +60,13 @@ def test_cuda_training_matches_pytorch(tmp_path, monkeypatch, cuda_graphs):
         torch.testing.assert_close(parameter, expected, atol=1e-4, rtol=0, msg=name)
 
 
+def gpu_reached_here() -> bool:
+    """Whether the GPU has finished all the work queued so far on the current stream."""
+    event = torch.cuda.Event()
+    event.record()
+    return event.query()
+
+
 @pytest.mark.parametrize("cuda_graphs", [False, True])
 def test_compiled_step_runs_in_order_with_pytorch(cuda_graphs):
     """Forward and backward in ONNX Runtime start after the PyTorch work queued before them (writing the batch,
@@ -92,15 +99,11 @@ def test_compiled_step_runs_in_order_with_pytorch(cuda_graphs):
     with torch.cuda.stream(cuda_streams.ort_stream(batch["input_ids"].device)):
         torch.cuda._sleep(2_000_000_000)
     loss = forward(inputs)
-    forward_returned = torch.cuda.Event()
-    forward_returned.record()
+    assert not gpu_reached_here()  # the GPU is still asleep: the forward was queued, not waited for
     gradients = backward(loss)
-    step_returned = torch.cuda.Event()
-    step_returned.record()
-    read = [loss.clone()] + [gradient.clone() for gradient in gradients]
-    assert not forward_returned.query()  # the GPU is still asleep: the forward was queued, not waited for
     if cuda_graphs:
-        assert not step_returned.query()  # and so was the backward
+        assert not gpu_reached_here()  # and so was the backward
+    read = [loss.clone()] + [gradient.clone() for gradient in gradients]
     assert (compile_backend.stats.graphs_built, compile_backend.stats.session_runs) == (graphs, runs + 2)
     for value, expected in zip(read, [expected_loss.detach()] + expected_gradients, strict=True):
         torch.testing.assert_close(value, expected, atol=1e-6, rtol=0)
