@@ -10,7 +10,8 @@ Registered with dynamo as "onnxruntime", so after `import ort_trainer.compile_ba
 
     compiled = torch.compile(model, backend="onnxruntime", dynamic=False)
 
-On CUDA, `options={"cuda_graphs": True}` replays each graph as a CUDA graph (one launch a graph, not one a kernel).
+On CUDA, `options={"cuda_graphs": True}` replays each graph as a CUDA graph (one launch a graph, not one a kernel);
+graphs that draw random numbers (dropout) are refused there, since a replay repeats the captured ones.
 Shapes are static: each new input shape is a new pair of graphs. This module is the only place that knows the
 torch internals the backend needs (AOTAutograd, its decompositions, dynamo's registry and recompile limits).
 """
@@ -282,6 +283,12 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, cuda_graph: bool = F
             f"The `{BACKEND_NAME}` backend compiles static shapes, but this graph takes symbolic sizes. "
             "To fix: pass `dynamic=False` to `torch.compile`."
         )
+    if cuda_graph and (random_ops := _random_ops(gm)):
+        raise ValueError(
+            f"A CUDA graph replays the random numbers it captured, and this graph draws some ({', '.join(random_ops)}"
+            "): dropout would drop the same units at every step. To fix: set the model's dropout probabilities to 0 "
+            "(e.g. `hidden_dropout_prob=0`), or train without `--ort_cuda_graphs`."
+        )
     unsupported = {str(value.dtype) for value in example_inputs if value.dtype not in NUMPY_TYPES}
     if unsupported:
         raise TypeError(
@@ -295,6 +302,18 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, cuda_graph: bool = F
     else:
         _export(gm, example_inputs, path)
     return ONNXRuntimeGraph(path, gm, example_inputs, cuda_graph)
+
+
+def _random_ops(gm: torch.fx.GraphModule) -> list:
+    """The graph's operators that draw random numbers (dropout). ONNX Runtime's CUDA kernels take their random
+    seeds from the host at launch, so a captured graph would replay the same ones."""
+    return sorted(
+        {
+            str(node.target)
+            for node in gm.graph.nodes
+            if torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
+        }
+    )
 
 
 def _copy_with_broadcast(destination, source, non_blocking=False):
@@ -366,7 +385,9 @@ def describe_failure(model: torch.nn.Module, error: BaseException) -> str:
     while getattr(error, "inner_exception", None) is not None or error.__cause__ is not None:
         error = getattr(error, "inner_exception", None) or error.__cause__
     lines = str(error).strip().splitlines() or [type(error).__name__]
-    return f"ONNX Runtime (compile backend) could not train {type(uncompiled(model)).__name__}: {lines[0]}."
+    return (
+        f"ONNX Runtime (compile backend) could not train {type(uncompiled(model)).__name__}: {lines[0].rstrip('.')}."
+    )
 
 
 def is_compiled(model: torch.nn.Module) -> bool:

@@ -239,3 +239,50 @@ def test_one_shape_builds_one_forward_and_one_backward_graph(tmp_path):
     metrics = trainer.train().metrics
     assert metrics["ort_graphs"] == 2  # no second trace when the first forward sets the problem type
     assert trainer.model.config.problem_type == "single_label_classification"
+
+
+def check_dropout_draws_a_fresh_mask_each_step(device: str, autocast: bool = False):
+    """Through an identity layer, dropout's output shows its mask: about half the elements kept at p=0.5, a new mask
+    each call and for each row, and the gradient masked by the same mask as the forward."""
+    # onnxruntime-training seeds ONNX Runtime with torch's seed, and its CPU dropout draws the same first two masks
+    # from seed 0 (its generator treats the seeds 0 and 1 alike).
+    torch.manual_seed(1)
+    layer = torch.nn.Linear(256, 256, bias=False, device=device)
+    torch.nn.init.eye_(layer.weight)
+    model = torch.nn.Sequential(layer, torch.nn.Dropout(0.5))
+    compiled = compile_backend.compile_model(model)
+    inputs = torch.ones(64, 256, device=device)
+    runs = compile_backend.stats.session_runs
+    masks = []
+    for _ in range(3):
+        layer.weight.grad = None
+        with torch.autocast(device, torch.float16, enabled=autocast):
+            output = compiled(inputs)
+        output.float().sum().backward()
+        mask = output != 0
+        masks.append(mask)
+        assert 0.45 < mask.float().mean().item() < 0.55
+        torch.testing.assert_close(output.float(), mask.float() * 2)  # kept elements scaled by 1 / (1 - p)
+        # d(sum)/dW = (2 * mask)^T @ inputs: each row of the gradient counts the batch rows that kept that output.
+        torch.testing.assert_close(layer.weight.grad, (2 * mask.float()).sum(0)[:, None].expand(256, 256))
+    assert compile_backend.stats.session_runs - runs == 6  # forward and backward, each step, in ONNX Runtime
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+    assert not torch.equal(masks[0][0], masks[0][1])  # rows of one batch get masks of their own
+    agreement = (masks[0] == masks[1]).float().mean().item()
+    assert 0.45 < agreement < 0.55  # independent masks agree on about half the elements
+
+
+def test_dropout_draws_a_fresh_mask_each_step():
+    check_dropout_draws_a_fresh_mask_each_step("cpu")
+
+
+def test_cuda_graphs_refuse_a_graph_that_draws_random_numbers():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.1))
+    with pytest.raises(Exception) as raised:
+        compile_backend.compile_model(model, cuda_graphs=True)(torch.ones(2, 8))
+    assert compile_backend.describe_failure(model, raised.value) == (
+        "ONNX Runtime (compile backend) could not train Sequential: A CUDA graph replays the random numbers it "
+        "captured, and this graph draws some (aten.native_dropout.default): dropout would drop the same units at "
+        "every step. To fix: set the model's dropout probabilities to 0 (e.g. `hidden_dropout_prob=0`), or train "
+        "without `--ort_cuda_graphs`."
+    )

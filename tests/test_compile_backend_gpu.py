@@ -5,7 +5,9 @@ import torch
 
 from ort_trainer import ORTTrainer, ORTTrainingArguments, compile_backend, cuda_streams, transformers_compat
 from ort_trainer.import_utils import onnxruntime_providers
+from ort_trainer.ortmodule import ORTTrainingError
 
+from .test_compile_backend import check_dropout_draws_a_fresh_mask_each_step
 from .tiny_models import tiny_dataset, tiny_model
 
 
@@ -107,3 +109,25 @@ def test_compiled_step_runs_in_order_with_pytorch(cuda_graphs):
     assert (compile_backend.stats.graphs_built, compile_backend.stats.session_runs) == (graphs, runs + 2)
     for value, expected in zip(read, [expected_loss.detach()] + expected_gradients, strict=True):
         torch.testing.assert_close(value, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_dropout_draws_a_fresh_mask_each_step(autocast):
+    check_dropout_draws_a_fresh_mask_each_step("cuda", autocast)
+
+
+def test_cuda_graphs_refuse_dropout_in_one_line(tmp_path):
+    model = tiny_model("bert")
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.1
+    args = ORTTrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, report_to=[], ort_backend="compile", ort_cuda_graphs=True, fp16=True
+    )
+    trainer = ORTTrainer(model=model, args=args, train_dataset=tiny_dataset("bert", size=16))
+    with pytest.raises(ORTTrainingError) as raised:
+        trainer.train()
+    assert str(raised.value).startswith(
+        "ONNX Runtime (compile backend) could not train BertForSequenceClassification: A CUDA graph replays the "
+        "random numbers it captured"
+    )
