@@ -1,6 +1,7 @@
-"""Training step time of one classifier (sequence or, with `--task token-classification`, token) in PyTorch eager,
-in ONNX Runtime's compile backend and in torch.compile (inductor), on the same tokens (every row 128 real tokens, no
-padding), after warm-up, in one process:
+"""Training step time of one model (a sequence classifier; with `--task`, a token classifier or a T5 translation
+model) in PyTorch eager, in ONNX Runtime's compile backend and in torch.compile (inductor), on the same tokens (every
+row `--seq_length` real tokens, no padding; translation targets as long as the sources), after warm-up, in one
+process:
 
 - mean step time over the steps after warm-up (timed from the first one's start to the last one's end on the
   device; the timer adds no wait in between, the Trainer's own NaN check of each step's loss, on by default, reads
@@ -13,6 +14,7 @@ padding), after warm-up, in one process:
 
 Usage: python benchmarks/train_step.py --model bert-base --batch_size 32 --fp16 [--backends eager ort inductor]
 [--optim adamw_torch_fused] [--repeats 3] [--task token-classification]
+       python benchmarks/train_step.py --model t5-large --task translation --batch_size 32 --fp16
 """
 
 import argparse
@@ -21,10 +23,16 @@ import statistics
 import time
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, TrainerCallback
+from transformers import (
+    AutoConfig,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    TrainerCallback,
+)
 
 from ort_trainer import ORTTrainer, ORTTrainingArguments
-from ort_trainer.benchmark import ARCHITECTURES, classifier_config, parameters_without_embeddings
+from ort_trainer.benchmark import ARCHITECTURES, T5_SETTINGS, classifier_config, parameters_without_embeddings
 
 
 BACKENDS = {
@@ -36,7 +44,9 @@ BACKENDS = {
 TASKS = {
     "sequence-classification": AutoModelForSequenceClassification,
     "token-classification": AutoModelForTokenClassification,
+    "translation": AutoModelForSeq2SeqLM,
 }
+T5_VOCABULARY = 32128
 
 
 class StepTimer(TrainerCallback):
@@ -65,18 +75,29 @@ class StepTimer(TrainerCallback):
             torch.cuda.synchronize()
 
 
-def rows(count, length, vocab, per_token_labels, seed=0):
+def model_config(model, task, seq_length):
+    if task == "translation":
+        return AutoConfig.for_model(**ARCHITECTURES[model], **T5_SETTINGS, vocab_size=T5_VOCABULARY)
+    return classifier_config(model, seq_length)
+
+
+def rows(count, length, vocab, task, seed=0):
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, vocab, (count, length), generator=generator)
+    targets = torch.randint(5, vocab, (count, length), generator=generator)
+    labels = {
+        "sequence-classification": ids[:, 1] % 2,
+        "token-classification": ids % 2,
+        "translation": targets,
+    }[task]
     return [
-        {"input_ids": row, "attention_mask": torch.ones_like(row), "labels": (row if per_token_labels else row[1]) % 2}
-        for row in ids
+        {"input_ids": row, "attention_mask": torch.ones_like(row), "labels": label} for row, label in zip(ids, labels)
     ]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=[name for name in ARCHITECTURES if "t5" not in name], default="bert-base")
+    parser.add_argument("--model", choices=list(ARCHITECTURES), default="bert-base")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--task", choices=list(TASKS), default="sequence-classification")
     parser.add_argument("--seq_length", type=int, default=128)
@@ -90,12 +111,14 @@ def main():
     parser.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS))
     parser.add_argument("--repeats", type=int, default=1, help="Runs of each backend, in turns (medians reported).")
     args = parser.parse_args()
+    if ("t5" in args.model) != (args.task == "translation"):
+        parser.error("--task translation takes a T5 `--model`, the classifiers the others.")
 
-    config = classifier_config(args.model, args.seq_length)
+    config = model_config(args.model, args.task, args.seq_length)
     model_class = TASKS[args.task]
     torch.manual_seed(0)
     initial = model_class.from_config(config).state_dict()
-    data = rows(args.batch_size * args.steps, args.seq_length, config.vocab_size, args.task == "token-classification")
+    data = rows(args.batch_size * args.steps, args.seq_length, config.vocab_size, args.task)
     with torch.device("meta"):
         parameters = parameters_without_embeddings(model_class.from_config(config))
 
