@@ -19,6 +19,7 @@ Usage: python benchmarks/train_step.py --model bert-base --batch_size 32 --fp16 
 
 import argparse
 import gc
+import json
 import statistics
 import time
 
@@ -110,6 +111,7 @@ def main():
     parser.add_argument("--optim", default="adamw_torch", help="The optimizer of every row, e.g. adamw_torch_fused.")
     parser.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS))
     parser.add_argument("--repeats", type=int, default=1, help="Runs of each backend, in turns (medians reported).")
+    parser.add_argument("--json", help="Also write every run's step time, losses and device memory to this file.")
     args = parser.parse_args()
     if ("t5" in args.model) != (args.task == "translation"):
         parser.error("--task translation takes a T5 `--model`, the classifiers the others.")
@@ -154,6 +156,9 @@ def main():
         for backend in args.backends:
             runs[backend].append(train(backend))
 
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(runs, file, indent=1)
     eager = runs.get("eager")
     print(
         f"\n{args.model} {args.task}, batch {args.batch_size} x {args.seq_length} real tokens, "
