@@ -286,8 +286,8 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, cuda_graph: bool = F
     if cuda_graph and (random_ops := _random_ops(gm)):
         raise ValueError(
             f"A CUDA graph replays the random numbers it captured, and this graph draws some ({', '.join(random_ops)}"
-            "): dropout would drop the same units at every step. To fix: set the model's dropout probabilities to 0 "
-            "(e.g. `hidden_dropout_prob=0`), or train without `--ort_cuda_graphs`."
+            "): dropout would drop the same units at every step. To fix: set every dropout probability of the model "
+            "to 0, or compile without CUDA graphs."
         )
     unsupported = {str(value.dtype) for value in example_inputs if value.dtype not in NUMPY_TYPES}
     if unsupported:
@@ -358,6 +358,14 @@ def _register():
 
 
 _register()
+
+
+def seed_random_generators(seed: int) -> None:
+    """Seed ONNX Runtime's random generators (its dropout's), which torch's seed does not reach: the same seed, the
+    same masks. Only `onnxruntime-training` ties the two, on its import."""
+    import onnxruntime
+
+    onnxruntime.set_seed(seed)
 
 
 def compile_model(model: torch.nn.Module, cuda_graphs: bool = False) -> torch.nn.Module:

@@ -7,6 +7,7 @@ from transformers import AutoModelForSequenceClassification, Trainer, TrainingAr
 
 from ort_trainer import ORTTrainer, ORTTrainingArguments, compile_backend
 from ort_trainer.ortmodule import ORTTrainingError
+from ort_trainer.trainer import _refuse_dropout
 
 from .tiny_models import tiny_dataset, tiny_model
 
@@ -244,8 +245,8 @@ def test_one_shape_builds_one_forward_and_one_backward_graph(tmp_path):
 def check_dropout_draws_a_fresh_mask_each_step(device: str, autocast: bool = False):
     """Through an identity layer, dropout's output shows its mask: about half the elements kept at p=0.5, a new mask
     each call and for each row, and the gradient masked by the same mask as the forward."""
-    # onnxruntime-training seeds ONNX Runtime with torch's seed, and its CPU dropout draws the same first two masks
-    # from seed 0 (its generator treats the seeds 0 and 1 alike).
+    # ONNX Runtime's CPU dropout seeds a fresh generator from a counter at each call, and seeds 0 and 1 draw the same
+    # numbers there; onnxruntime-training sets that counter to torch's seed, so 0 would repeat the first mask.
     torch.manual_seed(1)
     layer = torch.nn.Linear(256, 256, bias=False, device=device)
     torch.nn.init.eye_(layer.weight)
@@ -278,11 +279,46 @@ def test_dropout_draws_a_fresh_mask_each_step():
 
 def test_cuda_graphs_refuse_a_graph_that_draws_random_numbers():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.1))
-    with pytest.raises(Exception) as raised:
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as raised:
         compile_backend.compile_model(model, cuda_graphs=True)(torch.ones(2, 8))
     assert compile_backend.describe_failure(model, raised.value) == (
         "ONNX Runtime (compile backend) could not train Sequential: A CUDA graph replays the random numbers it "
         "captured, and this graph draws some (aten.native_dropout.default): dropout would drop the same units at "
-        "every step. To fix: set the model's dropout probabilities to 0 (e.g. `hidden_dropout_prob=0`), or train "
-        "without `--ort_cuda_graphs`."
+        "every step. To fix: set every dropout probability of the model to 0, or compile without CUDA graphs."
     )
+
+
+def test_cuda_graphs_refuse_a_model_with_dropout_before_training():
+    model = tiny_model("bert")
+    model.bert.encoder.layer[0].output.dropout.p = 0.1
+    with pytest.raises(ValueError) as raised:
+        _refuse_dropout(model)
+    assert str(raised.value) == (
+        "`--ort_cuda_graphs` replays the random numbers each CUDA graph captured, so BertForSequenceClassification's "
+        "dropout (p = 0.1) would drop the same units at every step. To fix: set every dropout probability of the "
+        "model's config to 0 (BERT: `hidden_dropout_prob` and `attention_probs_dropout_prob`; T5: `dropout_rate`), "
+        "or drop `--ort_cuda_graphs`."
+    )
+    _refuse_dropout(tiny_model("bert"))  # dropout off: accepted
+
+
+def test_the_seed_fixes_onnx_runtime_dropout(tmp_path):
+    """ONNX Runtime's dropout draws from its own generators, which the trainer seeds with `--seed`."""
+    import onnxruntime
+
+    def losses(seed, seeded_before):
+        model = tiny_model("bert")
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.3
+        args = compile_args(tmp_path, seed=seed, max_steps=3, logging_steps=1, learning_rate=0.0)
+        trainer = ORTTrainer(model=model, args=args, train_dataset=tiny_dataset("bert"))
+        onnxruntime.set_seed(seeded_before)  # whatever seeded ONNX Runtime before, train() seeds it again
+        runs = compile_backend.stats.session_runs
+        trainer.train()
+        assert compile_backend.stats.session_runs - runs == 6
+        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+    first = losses(seed=1, seeded_before=1000)
+    assert losses(seed=1, seeded_before=2000) == first
+    assert losses(seed=2, seeded_before=1000) != first
