@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSeq2SeqLM, T5Config
 
-from ort_trainer.benchmark import ARCHITECTURES, T5_SETTINGS
+from ort_trainer.benchmark import ARCHITECTURES, T5_SETTINGS, T5_VOCABULARY
 from ort_trainer.inference.seq2seq import Seq2SeqLM
 
 
@@ -27,7 +27,7 @@ def parse_args():
     parser.add_argument(
         "--model", choices=[name for name in ARCHITECTURES if name.startswith("t5")], default="t5-small"
     )
-    parser.add_argument("--vocab_size", type=int, default=32128, help="T5's vocabulary: the LM head's width.")
+    parser.add_argument("--vocab_size", type=int, default=T5_VOCABULARY, help="T5's vocabulary: the LM head's width.")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--source_length", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=32)

@@ -1,7 +1,8 @@
 """The largest batch each backend trains without running out of device memory, and the memory it took.
 
 Each batch size of `--batch_sizes` trains `--steps` steps of `benchmarks/train_step.py` in a process of its own (so
-that a failed allocation leaves nothing behind), in ascending order, until one runs out of memory. The compile
+that a failed allocation leaves nothing behind), in ascending order, until one fails (out of memory, or the error
+said in the table). The compile
 backend exports a new pair of graphs for each batch size. Device memory is read from the device (ONNX Runtime
 allocates outside PyTorch's allocator).
 

@@ -33,7 +33,13 @@ from transformers import (
 )
 
 from ort_trainer import ORTTrainer, ORTTrainingArguments
-from ort_trainer.benchmark import ARCHITECTURES, T5_SETTINGS, classifier_config, parameters_without_embeddings
+from ort_trainer.benchmark import (
+    ARCHITECTURES,
+    T5_SETTINGS,
+    T5_VOCABULARY,
+    classifier_config,
+    parameters_without_embeddings,
+)
 
 
 BACKENDS = {
@@ -47,7 +53,6 @@ TASKS = {
     "token-classification": AutoModelForTokenClassification,
     "translation": AutoModelForSeq2SeqLM,
 }
-T5_VOCABULARY = 32128
 
 
 class StepTimer(TrainerCallback):
@@ -114,7 +119,7 @@ def main():
     parser.add_argument("--json", help="Also write every run's step time, losses and device memory to this file.")
     args = parser.parse_args()
     if ("t5" in args.model) != (args.task == "translation"):
-        parser.error("--task translation takes a T5 `--model`, the classifiers the others.")
+        parser.error("--task translation needs a T5 --model; the classification tasks need one that is not T5.")
 
     config = model_config(args.model, args.task, args.seq_length)
     model_class = TASKS[args.task]

@@ -58,6 +58,7 @@ ARCHITECTURES = {
 }
 # T5 with the special token ids of the tokenizer that `--train_tokenizer` builds for sequence-to-sequence models.
 T5_SETTINGS = dict(dropout_rate=0.0, pad_token_id=0, eos_token_id=3, decoder_start_token_id=0)
+T5_VOCABULARY = 32128  # the published T5 checkpoints' LM head width, for benchmarks of those sizes
 # Each row: its label, the script's flags, and whether it runs the plain transformers trainers.
 ROWS = {
     "plain": ("transformers.Trainer", ["--use_ort", "False"], True),
