@@ -150,6 +150,10 @@ def _new_arguments(user_class: type, args_class: type):
     return ort_class.__new__(ort_class)
 
 
+# The device's own errors (a CUDA error), which say nothing of the data; torch raises them as such since 2.8.
+DEVICE_ERRORS = (torch.AcceleratorError,) if hasattr(torch, "AcceleratorError") else ()
+
+
 class TrainingDataError(ValueError):
     """A training batch that no backend can train on: the data, not ONNX Runtime, needs fixing."""
 
@@ -371,8 +375,8 @@ class ORTTrainer(TokenCountingMixin, Trainer):
             unwrapped = self.accelerator.unwrap_model(model)
             if not self._is_ort_model(unwrapped):
                 raise
-            self._raise_if_fails_in_pytorch(batch, num_items_in_batch)
             reason = self._describe_failure(unwrapped, error)
+            self._raise_if_fails_in_pytorch(batch, num_items_in_batch, reason)
             if self.args.ort_fallback == "error":
                 raise ortmodule.ORTTrainingError(
                     f"{reason} To fix: pass `--ort_fallback pytorch` to train in PyTorch when ORT cannot, "
@@ -395,14 +399,22 @@ class ORTTrainer(TokenCountingMixin, Trainer):
             inputs = {**inputs, "attention_mask": torch.ones_like(ids)}
         return inputs
 
-    def _raise_if_fails_in_pytorch(self, inputs: dict, num_items_in_batch) -> None:
+    def _raise_if_fails_in_pytorch(self, inputs: dict, num_items_in_batch, ort_failure: str) -> None:
         """ORT's export runs the model in PyTorch, so bad data fails there first and looks like an ORT failure.
         The batch, as the data loader gave it, runs once more in plain PyTorch (no gradients, random state kept):
-        if it fails there too, the data is at fault, and `--ort_fallback pytorch` could not help."""
+        if it fails there too, the data is at fault, and `--ort_fallback pytorch` could not help. Unless the device
+        itself failed: an ONNX Runtime failure on CUDA (a CUDA graph it could not capture) can leave the device in
+        an error state that PyTorch meets next, and that says nothing of the data."""
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
                 self.compute_loss(self.model, self._prepare_inputs(inputs), num_items_in_batch=num_items_in_batch)
         except Exception as error:
+            if isinstance(error, DEVICE_ERRORS):
+                fix = "train without `--ort_cuda_graphs`" if self.args.ort_cuda_graphs else "`--use_ort False`"
+                raise ortmodule.ORTTrainingError(
+                    f"{ort_failure} PyTorch then failed on the device too ({str(error).splitlines()[0]}), so "
+                    f"it cannot take over in this process. To fix: {fix}."
+                ) from error
             raise TrainingDataError(
                 f"The training batch fails in PyTorch too, so it is not an ONNX Runtime problem: "
                 f"{ortmodule.describe_error(error)}. To fix: correct the training data "

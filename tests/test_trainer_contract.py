@@ -167,6 +167,29 @@ def test_ort_failure_names_its_root_cause(cpu_args, caplog):
     assert f"{expected} Training continues in PyTorch (`--ort_fallback pytorch`)." in caplog.text
 
 
+@pytest.mark.skipif(not hasattr(torch, "AcceleratorError"), reason="torch < 2.8 raises device errors as RuntimeError")
+def test_a_device_failure_after_an_ort_failure_is_not_called_a_data_error(cpu_args, monkeypatch):
+    """An ONNX Runtime failure on CUDA (a CUDA graph it could not capture) can leave the device in an error state
+    that the batch's second run, in PyTorch, meets: that says nothing of the data, and PyTorch cannot take over."""
+    trainer = ORTTrainer(model=DiffClassifier(), args=cpu_args(max_steps=2), train_dataset=tiny_dataset("bert"))
+    compute_loss = trainer.compute_loss
+
+    def device_fails_in_pytorch(model, *args, **kwargs):
+        if not torch.is_grad_enabled():  # the second run, in PyTorch
+            raise torch.AcceleratorError("CUDA error: operation not permitted when stream is capturing")
+        return compute_loss(model, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "compute_loss", device_fails_in_pytorch)
+    with pytest.raises(ORTTrainingError) as raised:
+        trainer.train()
+    assert str(raised.value) == (
+        "ONNX Runtime could not train DiffClassifier: There was an error while exporting the PyTorch model to ONNX: "
+        "torch.onnx.errors.UnsupportedOperatorError: Exporting the operator 'aten::diff' to ONNX opset version 17 "
+        "is not supported. PyTorch then failed on the device too (CUDA error: operation not permitted when stream "
+        "is capturing), so it cannot take over in this process. To fix: `--use_ort False`."
+    )
+
+
 def uneven_causal_lm_rows(size=32):
     """Rows with 3 to 12 real tokens padded to 12: gradient accumulation must weigh tokens, not micro-batches."""
     rows = tiny_dataset("gpt2", size=size)
