@@ -2,9 +2,8 @@
 
 Each batch size of `--batch_sizes` trains `--steps` steps of `benchmarks/train_step.py` in a process of its own (so
 that a failed allocation leaves nothing behind), in ascending order, until one fails (out of memory, or the error
-said in the table). The compile
-backend exports a new pair of graphs for each batch size. Device memory is read from the device (ONNX Runtime
-allocates outside PyTorch's allocator).
+said in the table). The compile backend exports a new pair of graphs for each batch size. Device memory is read
+from the device (ONNX Runtime allocates outside PyTorch's allocator).
 
 Usage: python benchmarks/max_batch.py --model roberta-large --fp16 --batch_sizes 64 128 256 512 1024
 [--backends eager ort ort-cuda-graphs]
