@@ -126,9 +126,9 @@ def _device_of(example_inputs) -> torch.device:
     return next((value.device for value in example_inputs if value.device.type != "cpu"), torch.device("cpu"))
 
 
-def create_session(path: Path, device: torch.device, cuda_graph: bool = False):
-    """An InferenceSession for `device`: the CUDA provider on the device's `cuda_streams.ort_stream` for CUDA
-    (capturing its run as a CUDA graph with `cuda_graph`), else the CPU provider."""
+def create_session(model: bytes, device: torch.device, cuda_graph: bool = False):
+    """An InferenceSession of the serialised ONNX `model` for `device`: the CUDA provider on the device's
+    `cuda_streams.ort_stream` for CUDA (capturing its run as a CUDA graph with `cuda_graph`), else the CPU provider."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -136,7 +136,7 @@ def create_session(path: Path, device: torch.device, cuda_graph: bool = False):
     # ORT's threads would otherwise spin after each run, taking the cores from PyTorch's work in between.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if device.type == "cpu":
-        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     if device.type != "cuda" or "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         raise RuntimeError(
             f"The installed onnxruntime has no provider for {device}. To fix: pip install onnxruntime-gpu "
@@ -148,7 +148,7 @@ def create_session(path: Path, device: torch.device, cuda_graph: bool = False):
         # TF32 matrix products only where PyTorch uses them (`torch.backends.cuda.matmul.allow_tf32`, `--tf32`).
         use_tf32="1" if torch.backends.cuda.matmul.allow_tf32 else "0",
     )
-    return onnxruntime.InferenceSession(str(path), options, providers=[("CUDAExecutionProvider", cuda_options)])
+    return onnxruntime.InferenceSession(model, options, providers=[("CUDAExecutionProvider", cuda_options)])
 
 
 def _to_torch(value, is_bool: bool) -> torch.Tensor:
@@ -168,36 +168,53 @@ class ONNXRuntimeGraph:
     one launch for the whole graph instead of one per kernel. A replay reads and writes the addresses captured, so
     the inputs are copied into buffers bound once, the outputs bound once to buffers shaped from the (static) ONNX
     graph, and returned as copies (the next replay overwrites the buffers). An output that is an input passed through
-    is copied by ONNX Runtime outside the captured kernels: it is the input itself."""
+    is copied by ONNX Runtime outside the captured kernels: it is the input itself. An output that is a constant of
+    the graph is not the session's: it is made once on the device and returned from there."""
 
     def __init__(self, path: Path, gm: torch.fx.GraphModule, example_inputs, cuda_graph: bool = False):
+        import onnx
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
         # AOTAutograd then passes the inputs as one list, which the call empties to free them early. An instance
         # attribute, since dynamo's wrappers copy `__dict__`.
         self._boxed_call = True
         self.device = _device_of(example_inputs)
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
-        self.session = create_session(path, self.device, self.cuda_graph)
-        self.input_names = [value.name for value in self.session.get_inputs()]
-        self.output_names = [value.name for value in self.session.get_outputs()]
-        self.bool_outputs = [value.type == "tensor(bool)" for value in self.session.get_outputs()]
+        model = onnx.load(str(path))
         fx_outputs = next(node for node in gm.graph.nodes if node.op == "output").args[0]
         # Backward graphs return None for inputs without a gradient; the ONNX graph leaves them out.
         self.missing_outputs = [output is None for output in fx_outputs]
-        if len(self.input_names) != len(example_inputs) or len(self.output_names) != self.missing_outputs.count(False):
+        onnx_counts = (len(model.graph.input), len(model.graph.output))
+        fx_counts = (len(example_inputs), self.missing_outputs.count(False))
+        if onnx_counts != fx_counts:
             raise RuntimeError(
-                f"The ONNX graph {path} has {len(self.input_names)} inputs and {len(self.output_names)} outputs; "
-                f"its FX graph has {len(example_inputs)} and {self.missing_outputs.count(False)}. "
+                f"The ONNX graph {path} has {onnx_counts[0]} inputs and {onnx_counts[1]} outputs; "
+                f"its FX graph has {fx_counts[0]} and {fx_counts[1]}. "
                 f"To fix: delete {path} and run again."
             )
+        with unset_fake_temporarily():  # AOTAutograd compiles in fake mode; these tensors are real
+            self.constant_outputs = {
+                index: value.to(self.device) for index, value in _take_constant_outputs(model.graph).items()
+            }
+        self.output_count = len(model.graph.output) + len(self.constant_outputs)
+        self.session = create_session(model.SerializeToString(), self.device, self.cuda_graph)
+        self.input_names = [value.name for value in self.session.get_inputs()]
+        self.output_names = [value.name for value in self.session.get_outputs()]
+        self.bool_outputs = [value.type == "tensor(bool)" for value in self.session.get_outputs()]
         self._replay = None  # (binding, input buffers, output buffers) once a CUDA graph is bound
-        self._passed_through = _passed_through_inputs(path) if self.cuda_graph else {}
+        self._passed_through = _passed_through_inputs(model.graph) if self.cuda_graph else {}
 
     def __call__(self, args: list):
         inputs = [value.contiguous() for value in args]  # kept alive until the run ends
         args.clear()
-        outputs = self._run_replayed(inputs) if self.cuda_graph else self._run(inputs)
+        session_outputs = iter(self._run_replayed(inputs) if self.cuda_graph else self._run(inputs))
         stats.session_runs += 1
-        outputs = iter(outputs)
+        outputs = iter(
+            [
+                self.constant_outputs[index].clone() if index in self.constant_outputs else next(session_outputs)
+                for index in range(self.output_count)
+            ]
+        )
         return [None if missing else next(outputs) for missing in self.missing_outputs]
 
     def _bind_inputs(self, binding, inputs: list):
@@ -259,20 +276,53 @@ class ONNXRuntimeGraph:
         return binding, input_buffers, output_buffers
 
 
-def _passed_through_inputs(path: Path) -> dict:
-    """Which outputs of the ONNX graph at `path` are one of its inputs (through Identity nodes): {output: input}."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    inputs = {value.name: index for index, value in enumerate(graph.input)}
+def _identity_sources(graph) -> dict:
+    """{output of an Identity node: the value it passes on, through chains of Identity nodes}."""
     identities = {node.output[0]: node.input[0] for node in graph.node if node.op_type == "Identity"}
+    sources = {}
+    for name in identities:
+        source = name
+        while source in identities:
+            source = identities[source]
+        sources[name] = source
+    return sources
+
+
+def _take_constant_outputs(graph) -> dict:
+    """Remove the outputs of `graph` that are constants (initializers or Constant nodes, through Identity nodes),
+    and return them as {index among the graph's outputs: tensor}. ONNX Runtime would copy each into its output
+    buffer with a copy that waits for the device, which a CUDA graph cannot capture (T5's position buckets)."""
+    import onnx
+    from onnx import numpy_helper
+
+    sources = _identity_sources(graph)
+    constants = {value.name: value for value in graph.initializer}
+    constants.update(
+        {
+            node.output[0]: node.attribute[0].t
+            for node in graph.node
+            if node.op_type == "Constant" and node.attribute and node.attribute[0].type == onnx.AttributeProto.TENSOR
+        }
+    )
+    taken = {}
+    for index, output in enumerate(graph.output):
+        source = sources.get(output.name, output.name)
+        if source in constants:
+            taken[index] = torch.from_numpy(numpy_helper.to_array(constants[source]).copy())
+    for index in sorted(taken, reverse=True):
+        del graph.output[index]
+    return taken
+
+
+def _passed_through_inputs(graph) -> dict:
+    """Which outputs of `graph` are one of its inputs (through Identity nodes): {output: input}."""
+    inputs = {value.name: index for index, value in enumerate(graph.input)}
+    sources = _identity_sources(graph)
     passed_through = {}
     for index, output in enumerate(graph.output):
-        name = output.name
-        while name in identities:
-            name = identities[name]
-        if name in inputs:
-            passed_through[index] = inputs[name]
+        source = sources.get(output.name, output.name)
+        if source in inputs:
+            passed_through[index] = inputs[source]
     return passed_through
 
 

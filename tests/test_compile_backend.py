@@ -242,6 +242,38 @@ def test_one_shape_builds_one_forward_and_one_backward_graph(tmp_path):
     assert trainer.model.config.problem_type == "single_label_classification"
 
 
+def test_a_constant_output_comes_from_the_backend_not_the_session(monkeypatch):
+    """A graph output that is a constant (T5's position buckets, GPT-2's causal mask) is returned by the backend:
+    ONNX Runtime would copy it into its output with a copy that waits for the device, which a CUDA graph cannot
+    capture. Each call returns a tensor of its own."""
+
+    class Positions(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4)
+
+        def forward(self, inputs):
+            return self.linear(inputs).sum(), torch.arange(6).view(2, 3) * 2
+
+    graphs, create = [], compile_backend.ONNXRuntimeGraph.__init__
+    monkeypatch.setattr(
+        compile_backend.ONNXRuntimeGraph,
+        "__init__",
+        lambda graph, *args, **kwargs: create(graph, *args, **kwargs) or graphs.append(graph),
+    )
+    model = Positions()
+    compiled = compile_backend.compile_model(model)
+    loss, positions = compiled(torch.ones(2, 4))
+    loss.backward()
+    forward = graphs[0]
+    assert list(forward.constant_outputs) == [1]  # the loss is the session's; the constant is not
+    assert len(forward.output_names) == forward.output_count - 1
+    torch.testing.assert_close(positions, torch.arange(6).view(2, 3) * 2)
+    torch.testing.assert_close(model.linear.weight.grad, torch.full((4, 4), 2.0))
+    positions.add_(1)
+    torch.testing.assert_close(compiled(torch.ones(2, 4))[1], torch.arange(6).view(2, 3) * 2)
+
+
 def check_dropout_draws_a_fresh_mask_each_step(device: str, autocast: bool = False):
     """Through an identity layer, dropout's output shows its mask: about half the elements kept at p=0.5, a new mask
     each call and for each row, and the gradient masked by the same mask as the forward."""
