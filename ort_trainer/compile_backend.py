@@ -194,7 +194,7 @@ class ONNXRuntimeGraph:
             )
         with unset_fake_temporarily():  # AOTAutograd compiles in fake mode; these tensors are real
             self.constant_outputs = {
-                index: value.to(self.device) for index, value in _take_constant_outputs(model.graph).items()
+                index: value.to(self.device) for index, value in _take_constant_outputs(model).items()
             }
         self.output_count = len(model.graph.output) + len(self.constant_outputs)
         self.session = create_session(model.SerializeToString(), self.device, self.cuda_graph)
@@ -288,30 +288,35 @@ def _identity_sources(graph) -> dict:
     return sources
 
 
-def _take_constant_outputs(graph) -> dict:
-    """Remove the outputs of `graph` that are constants (initializers or Constant nodes, through Identity nodes),
-    and return them as {index among the graph's outputs: tensor}. ONNX Runtime would copy each into its output
-    buffer with a copy that waits for the device, which a CUDA graph cannot capture (T5's position buckets)."""
+def _take_constant_outputs(model) -> dict:
+    """Remove the outputs of `model` that depend on none of its inputs (T5's position buckets, GPT-2's causal mask)
+    and return their values as {index among the graph's outputs: tensor}. ONNX Runtime folds such an output into a
+    constant and copies it out at each run with a copy that waits for the device, which a CUDA graph cannot
+    capture."""
     import onnx
-    from onnx import numpy_helper
+    import onnxruntime
 
-    sources = _identity_sources(graph)
-    constants = {value.name: value for value in graph.initializer}
-    constants.update(
-        {
-            node.output[0]: node.attribute[0].t
-            for node in graph.node
-            if node.op_type == "Constant" and node.attribute and node.attribute[0].type == onnx.AttributeProto.TENSOR
-        }
+    graph = model.graph
+    depend_on_inputs = {value.name for value in graph.input}
+    for node in graph.node:  # in topological order; a node with a subgraph may read any outer value
+        if any(name in depend_on_inputs for name in node.input) or any(a.g.node or a.graphs for a in node.attribute):
+            depend_on_inputs.update(node.output)
+    constant = [index for index, value in enumerate(graph.output) if value.name not in depend_on_inputs]
+    if not constant:
+        return {}
+    nodes = [node for node in graph.node if not depend_on_inputs.intersection(node.output)]
+    outputs = [graph.output[index] for index in constant]
+    evaluator = onnx.helper.make_model(
+        onnx.helper.make_graph(nodes, "constant_outputs", [], outputs, initializer=graph.initializer),
+        opset_imports=model.opset_import,
+        ir_version=model.ir_version,
+        functions=model.functions,
     )
-    taken = {}
-    for index, output in enumerate(graph.output):
-        source = sources.get(output.name, output.name)
-        if source in constants:
-            taken[index] = torch.from_numpy(numpy_helper.to_array(constants[source]).copy())
-    for index in sorted(taken, reverse=True):
+    session = onnxruntime.InferenceSession(evaluator.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = session.run(None, {})
+    for index in reversed(constant):
         del graph.output[index]
-    return taken
+    return {index: torch.from_numpy(value) for index, value in zip(constant, values)}
 
 
 def _passed_through_inputs(graph) -> dict:

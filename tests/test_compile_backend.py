@@ -243,9 +243,9 @@ def test_one_shape_builds_one_forward_and_one_backward_graph(tmp_path):
 
 
 def test_a_constant_output_comes_from_the_backend_not_the_session(monkeypatch):
-    """A graph output that is a constant (T5's position buckets, GPT-2's causal mask) is returned by the backend:
-    ONNX Runtime would copy it into its output with a copy that waits for the device, which a CUDA graph cannot
-    capture. Each call returns a tensor of its own."""
+    """A graph output that depends on no input (T5's position buckets, GPT-2's causal mask) is returned by the
+    backend: ONNX Runtime would copy it into its output with a copy that waits for the device, which a CUDA graph
+    cannot capture. Each call returns a tensor of its own."""
 
     class Positions(torch.nn.Module):
         def __init__(self):
