@@ -167,9 +167,10 @@ class ONNXRuntimeGraph:
     With `cuda_graph`, ONNX Runtime captures the session's first run on CUDA as a CUDA graph and replays it after:
     one launch for the whole graph instead of one per kernel. A replay reads and writes the addresses captured, so
     the inputs are copied into buffers bound once, the outputs bound once to buffers shaped from the (static) ONNX
-    graph, and returned as copies (the next replay overwrites the buffers). An output that is an input passed through
-    is copied by ONNX Runtime outside the captured kernels: it is the input itself. An output that is a constant of
-    the graph is not the session's: it is made once on the device and returned from there."""
+    graph, and returned as copies (the next replay overwrites the buffers).
+
+    Outputs that are one of the graph's inputs are returned as that input; outputs that depend on no input (a
+    constant) are computed once and returned as copies. Neither is the session's."""
 
     def __init__(self, path: Path, gm: torch.fx.GraphModule, example_inputs, cuda_graph: bool = False):
         import onnx
@@ -192,29 +193,38 @@ class ONNXRuntimeGraph:
                 f"its FX graph has {fx_counts[0]} and {fx_counts[1]}. "
                 f"To fix: delete {path} and run again."
             )
+        # ONNX Runtime would return an output that is an input in the input's own memory, which is freed once the
+        # call returns, and copy a constant output out with a copy that waits for the device (no CUDA graph then).
+        self.passed_through = _passed_through_inputs(model.graph)
         with unset_fake_temporarily():  # AOTAutograd compiles in fake mode; these tensors are real
-            self.constant_outputs = {
-                index: value.to(self.device) for index, value in _take_constant_outputs(model).items()
-            }
-        self.output_count = len(model.graph.output) + len(self.constant_outputs)
-        self.session = create_session(model.SerializeToString(), self.device, self.cuda_graph)
-        self.input_names = [value.name for value in self.session.get_inputs()]
-        self.output_names = [value.name for value in self.session.get_outputs()]
-        self.bool_outputs = [value.type == "tensor(bool)" for value in self.session.get_outputs()]
+            self.constant_outputs = {index: value.to(self.device) for index, value in _constant_outputs(model).items()}
+        for index in sorted({*self.passed_through, *self.constant_outputs}, reverse=True):
+            del model.graph.output[index]
+        self.output_count = fx_counts[1]
+        self.input_names = [value.name for value in model.graph.input]
+        self.session = None
+        if model.graph.output:
+            self.session = create_session(model.SerializeToString(), self.device, self.cuda_graph)
+            self.output_names = [value.name for value in self.session.get_outputs()]
+            self.bool_outputs = [value.type == "tensor(bool)" for value in self.session.get_outputs()]
         self._replay = None  # (binding, input buffers, output buffers) once a CUDA graph is bound
-        self._passed_through = _passed_through_inputs(model.graph) if self.cuda_graph else {}
 
     def __call__(self, args: list):
         inputs = [value.contiguous() for value in args]  # kept alive until the run ends
         args.clear()
-        session_outputs = iter(self._run_replayed(inputs) if self.cuda_graph else self._run(inputs))
-        stats.session_runs += 1
-        outputs = iter(
-            [
-                self.constant_outputs[index].clone() if index in self.constant_outputs else next(session_outputs)
-                for index in range(self.output_count)
-            ]
-        )
+        session_outputs = iter([])
+        if self.session is not None:
+            session_outputs = iter(self._run_replayed(inputs) if self.cuda_graph else self._run(inputs))
+            stats.session_runs += 1
+        outputs = []
+        for index in range(self.output_count):
+            if index in self.constant_outputs:
+                outputs.append(self.constant_outputs[index].clone())
+            elif index in self.passed_through:
+                outputs.append(inputs[self.passed_through[index]])
+            else:
+                outputs.append(next(session_outputs))
+        outputs = iter(outputs)
         return [None if missing else next(outputs) for missing in self.missing_outputs]
 
     def _bind_inputs(self, binding, inputs: list):
@@ -243,10 +253,7 @@ class ONNXRuntimeGraph:
         for buffer, value in zip(input_buffers, inputs):
             buffer.copy_(value)
         self._run_binding(binding)
-        return [
-            inputs[self._passed_through[index]] if index in self._passed_through else buffer.clone()
-            for index, buffer in enumerate(output_buffers)
-        ]
+        return [buffer.clone() for buffer in output_buffers]
 
     def _run_binding(self, binding):
         if self.device.type == "cuda":
@@ -288,11 +295,10 @@ def _identity_sources(graph) -> dict:
     return sources
 
 
-def _take_constant_outputs(model) -> dict:
-    """Remove the outputs of `model` that depend on none of its inputs (T5's position buckets, GPT-2's causal mask)
-    and return their values as {index among the graph's outputs: tensor}. ONNX Runtime folds such an output into a
-    constant and copies it out at each run with a copy that waits for the device, which a CUDA graph cannot
-    capture."""
+def _constant_outputs(model) -> dict:
+    """The outputs of `model` that depend on none of its inputs (T5's position buckets, GPT-2's causal mask), as
+    {output index: value}, computed once on the CPU. ONNX Runtime would fold such an output into a constant and copy
+    it out at each run with a copy that waits for the device, which a CUDA graph cannot capture."""
     import onnx
     import onnxruntime
 
@@ -314,13 +320,11 @@ def _take_constant_outputs(model) -> dict:
     )
     session = onnxruntime.InferenceSession(evaluator.SerializeToString(), providers=["CPUExecutionProvider"])
     values = session.run(None, {})
-    for index in reversed(constant):
-        del graph.output[index]
     return {index: torch.from_numpy(value) for index, value in zip(constant, values)}
 
 
 def _passed_through_inputs(graph) -> dict:
-    """Which outputs of `graph` are one of its inputs (through Identity nodes): {output: input}."""
+    """The outputs of `graph` that are one of its inputs (through Identity nodes): {output index: input index}."""
     inputs = {value.name: index for index, value in enumerate(graph.input)}
     sources = _identity_sources(graph)
     passed_through = {}
