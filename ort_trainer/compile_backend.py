@@ -283,18 +283,6 @@ class ONNXRuntimeGraph:
         return binding, input_buffers, output_buffers
 
 
-def _identity_sources(graph) -> dict:
-    """{output of an Identity node: the value it passes on, through chains of Identity nodes}."""
-    identities = {node.output[0]: node.input[0] for node in graph.node if node.op_type == "Identity"}
-    sources = {}
-    for name in identities:
-        source = name
-        while source in identities:
-            source = identities[source]
-        sources[name] = source
-    return sources
-
-
 def _constant_outputs(model) -> dict:
     """The outputs of `model` that depend on none of its inputs (T5's position buckets, GPT-2's causal mask), as
     {output index: value}, computed once on the CPU. ONNX Runtime would fold such an output into a constant and copy
@@ -326,12 +314,14 @@ def _constant_outputs(model) -> dict:
 def _passed_through_inputs(graph) -> dict:
     """The outputs of `graph` that are one of its inputs (through Identity nodes): {output index: input index}."""
     inputs = {value.name: index for index, value in enumerate(graph.input)}
-    sources = _identity_sources(graph)
+    identities = {node.output[0]: node.input[0] for node in graph.node if node.op_type == "Identity"}
     passed_through = {}
     for index, output in enumerate(graph.output):
-        source = sources.get(output.name, output.name)
-        if source in inputs:
-            passed_through[index] = inputs[source]
+        name = output.name
+        while name in identities:
+            name = identities[name]
+        if name in inputs:
+            passed_through[index] = inputs[name]
     return passed_through
 
 

@@ -44,38 +44,40 @@ def train_losses(tmp_path, name, model_name="bert", **overrides):
     return losses, compile_backend.stats.session_runs - runs, trainer.model
 
 
-@pytest.mark.parametrize("cuda_graphs", [False, True])
-def test_cuda_training_matches_pytorch(tmp_path, monkeypatch, cuda_graphs):
-    replayed, run_replayed = [], compile_backend.ONNXRuntimeGraph._run_replayed
+@pytest.fixture
+def replayed(monkeypatch):
+    """For each run through the CUDA-graph path, whether its graph was captured as a CUDA graph."""
+    runs, run_replayed = [], compile_backend.ONNXRuntimeGraph._run_replayed
     monkeypatch.setattr(
         compile_backend.ONNXRuntimeGraph,
         "_run_replayed",
-        lambda graph, inputs: replayed.append(graph.cuda_graph) or run_replayed(graph, inputs),
+        lambda graph, inputs: runs.append(graph.cuda_graph) or run_replayed(graph, inputs),
     )
+    return runs
+
+
+def assert_trained_alike(losses, model, reference_losses, reference_model):
+    assert losses == pytest.approx(reference_losses, abs=1e-4)
+    for (name, parameter), expected in zip(model.named_parameters(), reference_model.parameters(), strict=True):
+        torch.testing.assert_close(parameter, expected, atol=1e-4, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_cuda_training_matches_pytorch(tmp_path, replayed, cuda_graphs):
     reference, _, pytorch_model = train_losses(tmp_path, "pytorch", use_ort=False)
     losses, runs, model = train_losses(tmp_path, "ort", ort_cuda_graphs=cuda_graphs)
     assert runs == 12  # a forward and a backward graph each step, in ONNX Runtime
     assert replayed == [True] * (12 if cuda_graphs else 0)  # through the buffers a captured CUDA graph reads
-    assert losses == pytest.approx(reference, abs=1e-4)
-    for (name, parameter), expected in zip(model.named_parameters(), pytorch_model.parameters(), strict=True):
-        torch.testing.assert_close(parameter, expected, atol=1e-4, rtol=0, msg=name)
+    assert_trained_alike(losses, model, reference, pytorch_model)
 
 
-def test_t5_trains_under_cuda_graphs_like_pytorch(tmp_path, monkeypatch):
+def test_t5_trains_under_cuda_graphs_like_pytorch(tmp_path, replayed):
     """T5's forward graph returns a constant (its relative position buckets), which ONNX Runtime would copy into
     the bound output with a copy that waits for the device: a CUDA graph cannot capture that."""
-    replayed, run_replayed = [], compile_backend.ONNXRuntimeGraph._run_replayed
-    monkeypatch.setattr(
-        compile_backend.ONNXRuntimeGraph,
-        "_run_replayed",
-        lambda graph, inputs: replayed.append(graph.cuda_graph) or run_replayed(graph, inputs),
-    )
     reference, _, pytorch_model = train_losses(tmp_path, "pytorch", "t5", use_ort=False)
     losses, runs, model = train_losses(tmp_path, "ort", "t5", ort_cuda_graphs=True)
     assert runs >= 12 and replayed == [True] * runs
-    assert losses == pytest.approx(reference, abs=1e-4)
-    for (name, parameter), expected in zip(model.named_parameters(), pytorch_model.parameters(), strict=True):
-        torch.testing.assert_close(parameter, expected, atol=1e-4, rtol=0, msg=name)
+    assert_trained_alike(losses, model, reference, pytorch_model)
 
 
 def gpu_reached_here() -> bool:
