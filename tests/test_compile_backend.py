@@ -274,6 +274,35 @@ def test_a_constant_output_comes_from_the_backend_not_the_session(monkeypatch):
     torch.testing.assert_close(compiled(torch.ones(2, 4))[1], torch.arange(6).view(2, 3) * 2)
 
 
+def test_attention_rows_with_every_key_masked_are_zero_as_in_pytorch():
+    """Attention's math sets rows whose keys are all masked to zero instead of NaN; the backend keeps that, with
+    the same outputs and gradients as PyTorch for masked and unmasked rows."""
+
+    def attention(query, key, value, mask):
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+
+    torch.manual_seed(0)
+    query, key, value = (torch.randn(2, 2, 5, 4, requires_grad=True) for _ in range(3))
+    mask = torch.rand(2, 1, 5, 5) > 0.3
+    mask[0, :, 1] = False  # row 1 of the first sequence sees no key
+    mask[1, :, :, 0] = True  # every other row sees at least one
+    compiled = torch.compile(attention, backend="onnxruntime", dynamic=False)
+    runs = compile_backend.stats.session_runs
+    output = compiled(query, key, value, mask)
+    output.pow(2).sum().backward()
+    assert compile_backend.stats.session_runs - runs == 2
+    gradients = [tensor.grad for tensor in (query, key, value)]
+    for tensor in (query, key, value):
+        tensor.grad = None
+    with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+        reference = attention(query, key, value, mask)
+    reference.pow(2).sum().backward()
+    assert output[0, :, 1].eq(0).all() and not output.isnan().any()
+    torch.testing.assert_close(output, reference, atol=1e-6, rtol=0)
+    for gradient, tensor in zip(gradients, (query, key, value), strict=True):
+        torch.testing.assert_close(gradient, tensor.grad, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("onnxscript_optimizer", ["runs", "fails"])
 def test_an_input_saved_for_backward_outlives_the_call(monkeypatch, onnxscript_optimizer):
     """The forward graph returns the layer's input for the backward; where onnxscript's optimizer fails (torch
