@@ -371,30 +371,12 @@ def _copy_with_broadcast(destination, source, non_blocking=False):
     return source.to(dtype=destination.dtype, device=destination.device).expand(destination.shape).clone()
 
 
-def _safe_softmax(self, dim, dtype=None):
-    # The attention math's softmax, with rows where every score is -inf set to 0 rather than NaN. The core
-    # decomposition finds those rows with `all()` over the whole score tensor cast to int64, which ONNX Runtime's
-    # CUDA provider reduces in double precision; the row's maximum tells the same from one float reduction.
-    probabilities = torch.softmax(self, dim, dtype=dtype)
-    fully_masked = self.amax(dim, keepdim=True) == float("-inf")
-    return torch.where(fully_masked, 0.0, probabilities)
-
-
-def _decompositions() -> dict:
-    from torch._decomp import core_aten_decompositions
-
-    return {
-        **core_aten_decompositions(),
-        torch.ops.aten.copy.default: _copy_with_broadcast,
-        torch.ops.aten._safe_softmax.default: _safe_softmax,
-    }
-
-
 def _aot_autograd_backend(cuda_graphs: bool):
+    from torch._decomp import core_aten_decompositions
     from torch._dynamo.backends.common import aot_autograd
 
     compiler = functools.partial(compile_graph, cuda_graph=cuda_graphs)
-    decompositions = _decompositions()
+    decompositions = {**core_aten_decompositions(), torch.ops.aten.copy.default: _copy_with_broadcast}
     return aot_autograd(fw_compiler=compiler, bw_compiler=compiler, decompositions=decompositions)
 
 
