@@ -284,8 +284,8 @@ def test_attention_rows_with_every_key_masked_are_zero_as_in_pytorch():
     torch.manual_seed(0)
     query, key, value = (torch.randn(2, 2, 5, 4, requires_grad=True) for _ in range(3))
     mask = torch.rand(2, 1, 5, 5) > 0.3
-    mask[0, :, 1] = False  # row 1 of the first sequence sees no key
-    mask[1, :, :, 0] = True  # every other row sees at least one
+    mask[..., 0] = True  # every row sees the first key,
+    mask[0, :, 1] = False  # but row 1 of the first sequence sees none
     compiled = torch.compile(attention, backend="onnxruntime", dynamic=False)
     runs = compile_backend.stats.session_runs
     output = compiled(query, key, value, mask)
