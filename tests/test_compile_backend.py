@@ -1,6 +1,7 @@
 """The compile backend on its own and in ORTTrainer: graphs really run in ONNX Runtime, shapes stay bounded, the
 graph cache is reused, checkpoints are plain and resume exactly, failures are said in one line."""
 
+import onnx
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
@@ -301,6 +302,26 @@ def test_attention_rows_with_every_key_masked_are_zero_as_in_pytorch():
     torch.testing.assert_close(output, reference, atol=1e-6, rtol=0)
     for gradient, tensor in zip(gradients, (query, key, value), strict=True):
         torch.testing.assert_close(gradient, tensor.grad, atol=1e-6, rtol=0)
+
+
+def test_gelu_gradient_of_fp16_activations_is_computed_in_fp16_close_to_pytorch(graph_cache):
+    """GELU's gradient on fp16 tensors (the MLP of every BERT-like model under fp16 autocast) runs in fp16, with no
+    cast to fp32 in the graph, within fp16 rounding of PyTorch's fused kernel."""
+    torch.manual_seed(0)
+    x = (torch.randn(64, 256) * 3).half().requires_grad_()
+    upstream = torch.randn(64, 256).half()
+    compiled = torch.compile(torch.nn.functional.gelu, backend="onnxruntime", dynamic=False)
+    runs = compile_backend.stats.session_runs
+    compiled(x).backward(upstream)
+    assert compile_backend.stats.session_runs - runs == 2
+    gradient, x.grad = x.grad, None
+    torch.nn.functional.gelu(x).backward(upstream)
+    assert gradient.dtype == torch.float16
+    torch.testing.assert_close(gradient, x.grad, atol=1e-2, rtol=1e-2)
+    graphs = [onnx.load(path) for path in graph_cache.glob("*.onnx")]
+    operators = [{node.op_type for node in graph.graph.node} for graph in graphs]
+    assert len(graphs) == 2 and any("Erf" in ops for ops in operators)  # the backward graph holds the gradient
+    assert not any("Cast" in ops for ops in operators)
 
 
 @pytest.mark.parametrize("onnxscript_optimizer", ["runs", "fails"])

@@ -71,6 +71,17 @@ def test_cuda_training_matches_pytorch(tmp_path, replayed, cuda_graphs):
     assert_trained_alike(losses, model, reference, pytorch_model)
 
 
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_fp16_training_follows_pytorch_fp16(tmp_path, cuda_graphs):
+    """Under fp16 autocast and the Trainer's GradScaler, with GELU's gradient computed in fp16: fp16's tolerance."""
+    reference, _, pytorch_model = train_losses(tmp_path, "pytorch", use_ort=False, fp16=True)
+    losses, runs, model = train_losses(tmp_path, "ort", fp16=True, ort_cuda_graphs=cuda_graphs)
+    assert runs == 12
+    assert losses == pytest.approx(reference, abs=1e-3)
+    for (name, parameter), expected in zip(model.named_parameters(), pytorch_model.parameters(), strict=True):
+        torch.testing.assert_close(parameter, expected, atol=1e-3, rtol=0, msg=name)
+
+
 def test_t5_trains_under_cuda_graphs_like_pytorch(tmp_path, replayed):
     """T5's forward graph returns a constant (its relative position buckets), which ONNX Runtime would copy into
     the bound output with a copy that waits for the device: a CUDA graph cannot capture that."""
