@@ -26,6 +26,7 @@ import os
 import tempfile
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,7 +150,12 @@ def create_session(model: bytes, device: torch.device, cuda_graph: bool = False)
         # TF32 matrix products only where PyTorch uses them (`torch.backends.cuda.matmul.allow_tf32`, `--tf32`).
         use_tf32="1" if torch.backends.cuda.matmul.allow_tf32 else "0",
     )
-    return onnxruntime.InferenceSession(model, options, providers=[("CUDAExecutionProvider", cuda_options)])
+    return onnxruntime.InferenceSession(
+        model,
+        options,
+        providers=[("CUDAExecutionProvider", cuda_options)],
+        disabled_optimizers=["MatMulAddFusion"],  # see `_addmm_as_matmul_and_add`
+    )
 
 
 def _to_torch(value, is_bool: bool) -> torch.Tensor:
@@ -168,7 +174,9 @@ class ONNXRuntimeGraph:
     With `cuda_graph`, ONNX Runtime captures the session's first run on CUDA as a CUDA graph and replays it after:
     one launch for the whole graph instead of one per kernel. A replay reads and writes the addresses captured, so
     the inputs are copied into buffers bound once, the outputs bound once to buffers shaped from the (static) ONNX
-    graph, and returned as copies (the next replay overwrites the buffers).
+    graph, and returned as copies (the next replay overwrites the buffers). An input that is such a copy (what the
+    forward graph saved for the backward) is read from the other graph's output buffer instead, with no copy in,
+    as long as that buffer still holds it (`_BufferContents`).
 
     Outputs that are one of the graph's inputs are returned as that input; outputs that depend on no input (a
     constant) are computed once and returned as copies. Neither is the session's."""
@@ -252,9 +260,14 @@ class ONNXRuntimeGraph:
             self._replay = self._bind_buffers(inputs)
         binding, input_buffers, output_buffers = self._replay
         for buffer, value in zip(input_buffers, inputs):
-            buffer.copy_(value)
+            if not _BufferContents.holds(buffer, value):
+                buffer.copy_(value)
+                _BufferContents.record(buffer, value)
         self._run_binding(binding)
-        return [buffer.clone() for buffer in output_buffers]
+        outputs = [buffer.clone() for buffer in output_buffers]
+        for buffer, output in zip(output_buffers, outputs):
+            _BufferContents.record(buffer, output)
+        return outputs
 
     def _run_binding(self, binding):
         if self.device.type == "cuda":
@@ -263,25 +276,68 @@ class ONNXRuntimeGraph:
             self.session.run_with_iobinding(binding)
 
     def _bind_buffers(self, inputs: list) -> tuple:
-        """Input buffers on the graph's device (a 0-d CPU scalar too: a replay cannot copy from the host), and
-        output buffers shaped and typed as the ONNX graph's outputs, bound once for every run."""
-        input_buffers = [torch.empty_like(value, device=self.device) for value in inputs]
+        """Input buffers on the graph's device (a 0-d CPU scalar too: a replay cannot copy from the host), or
+        another graph's buffer that holds the input, and output buffers shaped and typed as the ONNX graph's
+        outputs, bound once for every run."""
+        input_buffers = [_BufferContents.buffer_holding(value, self.device) for value in inputs]
+        input_buffers = [
+            torch.empty_like(value, device=self.device) if buffer is None else buffer
+            for buffer, value in zip(input_buffers, inputs)
+        ]
         output_buffers = [
             torch.empty(value.shape, dtype=ONNX_TYPES[value.type], device=self.device)
             for value in self.session.get_outputs()
         ]
+        for buffer in input_buffers + output_buffers:
+            _BufferContents.register(buffer)
         binding = self.session.io_binding()
         self._bind_inputs(binding, input_buffers)
         for name, buffer in zip(self.output_names, output_buffers):
             binding.bind_output(
                 name,
-                "cuda",
+                self.device.type,
                 self.device.index or 0,
                 NUMPY_TYPES[buffer.dtype],
                 tuple(buffer.shape),
                 buffer.data_ptr(),
             )
         return binding, input_buffers, output_buffers
+
+
+class _BufferContents:
+    """What each bound buffer holds a copy of: a buffer written by a replay holds the copy returned of it, a buffer
+    copied into holds the tensor copied. A graph's input that a bound buffer holds (the activations the forward
+    graph saved for the backward, the weights the forward graph read) is bound to that buffer: its copy in is
+    skipped while the buffer still holds that tensor, unchanged (same version), and made once anything else
+    overwrote it (say, another forward replay before this backward)."""
+
+    _buffers = []  # weak references (a WeakSet would compare tensors with ==)
+
+    @classmethod
+    def register(cls, buffer: torch.Tensor) -> None:
+        cls._buffers = [reference for reference in cls._buffers if reference() is not None]
+        cls._buffers.append(weakref.ref(buffer))
+
+    @classmethod
+    def buffer_holding(cls, value: torch.Tensor, device: torch.device):
+        buffers = (reference() for reference in cls._buffers)
+        return next((b for b in buffers if b is not None and b.device == device and cls.holds(b, value)), None)
+
+    @staticmethod
+    def record(buffer: torch.Tensor, value: torch.Tensor) -> None:
+        buffer._ort_trainer_holds = (weakref.ref(value), _BufferContents._identity(value))
+
+    @staticmethod
+    def holds(buffer: torch.Tensor, value: torch.Tensor) -> bool:
+        reference, identity = getattr(buffer, "_ort_trainer_holds", (None, None))
+        # While the tensor lives its memory is its own: the same address, shape and strides mean the same values.
+        return identity is not None and reference() is not None and identity == _BufferContents._identity(value)
+
+    @staticmethod
+    def _identity(value: torch.Tensor):
+        if value.is_inference():  # no version counter to tell whether it changed: never taken as held
+            return None
+        return value.data_ptr(), value.dtype, tuple(value.shape), value.stride(), value._version
 
 
 def _constant_outputs(model) -> dict:
@@ -386,6 +442,15 @@ def _gelu_backward_in_fp16(grad, x, approximate="none"):
     return (grad * 0.5) * (torch.erf(u) + 1 + (u * gaussian) * (2 / math.sqrt(math.pi)))
 
 
+def _addmm_as_matmul_and_add(bias, mat1, mat2, beta=1, alpha=1):
+    """A linear layer as `MatMul` then `Add` rather than ONNX `Gemm`, whose CUDA kernel first fills the output with
+    the bias, row by row, in a broadcast kernel far slower than the element-wise `Add`. On CUDA the sessions keep
+    ONNX Runtime from fusing the two back into a `Gemm` (`create_session`); on the CPU they are fused back."""
+    if beta != 1 or alpha != 1:
+        return NotImplemented
+    return torch.mm(mat1, mat2) + bias
+
+
 def _aot_autograd_backend(cuda_graphs: bool):
     from torch._decomp import core_aten_decompositions
     from torch._dynamo.backends.common import aot_autograd
@@ -395,6 +460,7 @@ def _aot_autograd_backend(cuda_graphs: bool):
         **core_aten_decompositions(),
         torch.ops.aten.copy.default: _copy_with_broadcast,
         torch.ops.aten.gelu_backward.default: _gelu_backward_in_fp16,
+        torch.ops.aten.addmm.default: _addmm_as_matmul_and_add,
     }
     return aot_autograd(fw_compiler=compiler, bw_compiler=compiler, decompositions=decompositions)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
 
-from ort_trainer import ORTTrainer, ORTTrainingArguments, compile_backend
+from ort_trainer import ORTTrainer, ORTTrainingArguments, compile_backend, transformers_compat
 from ort_trainer.ortmodule import ORTTrainingError
 from ort_trainer.trainer import _refuse_dropout
 
@@ -339,6 +339,67 @@ def test_an_input_saved_for_backward_outlives_the_call(monkeypatch, onnxscript_o
     loss.backward()
     assert compile_backend.stats.session_runs - runs == 2
     torch.testing.assert_close(model.weight.grad, torch.full((4, 4), 2.0))
+
+
+@pytest.fixture
+def bound_once_on_cpu(monkeypatch):
+    """The path CUDA graphs take (each graph's inputs and outputs in buffers bound once, copies in and out) on the
+    CPU, with plain CPU sessions. Collects the graphs built."""
+    graphs, init = [], compile_backend.ONNXRuntimeGraph.__init__
+
+    def bound_once(graph, *args, **kwargs):
+        init(graph, *args, **kwargs)
+        graph.cuda_graph = True
+        graphs.append(graph)
+
+    monkeypatch.setattr(compile_backend.ONNXRuntimeGraph, "__init__", bound_once)
+    return graphs
+
+
+def test_backward_reads_what_the_forward_saved_from_the_forwards_buffers(bound_once_on_cpu):
+    """Under CUDA graphs the backward reads the activations the forward saved from the forward's own buffers, with
+    no copy; where a second forward overwrote them before the first backward, the saved copies are copied back."""
+    data = tiny_dataset("bert")
+    batches = [{key: torch.stack([row[key] for row in rows]) for key in data[0]} for rows in (data[:8], data[8:16])]
+    eager, model = tiny_model("bert"), tiny_model("bert")
+    for module in (eager, model):
+        transformers_compat.settle_problem_type(module, batches[0]["labels"])  # one pair of graphs
+    compiled = compile_backend.compile_model(model, cuda_graphs=True)
+
+    def check_gradients(compiled_loss, batch):
+        model.zero_grad()
+        eager.zero_grad()
+        compiled_loss.backward()
+        eager(**batch).loss.backward()
+        for (name, parameter), reference in zip(model.named_parameters(), eager.parameters(), strict=True):
+            torch.testing.assert_close(parameter.grad, reference.grad, atol=1e-6, rtol=0, msg=name)
+
+    for batch in batches + batches:
+        check_gradients(compiled(**batch).loss, batch)
+    forward, backward = bound_once_on_cpu
+    _, forward_inputs, forward_outputs = forward._replay
+    copied_in = {
+        name
+        for name, buffer in zip(backward.input_names, backward._replay[1], strict=True)
+        if not any(buffer is other for other in forward_inputs + forward_outputs)
+    }
+    assert copied_in == {name for name in backward.input_names if name.startswith("tangents")}  # the output grads
+
+    losses = [compiled(**batch).loss for batch in batches]  # the second forward overwrites the first one's buffers
+    for loss, batch in reversed(list(zip(losses, batches, strict=True))):
+        check_gradients(loss, batch)
+
+
+def test_inputs_made_in_inference_mode_are_always_copied_in(bound_once_on_cpu):
+    """Inference tensors keep no version counter, so a buffer is never taken to hold one unchanged."""
+    model = torch.nn.Linear(4, 4)
+    compiled = compile_backend.compile_model(model, cuda_graphs=True)
+    with torch.inference_mode():
+        inputs = torch.ones(2, 4)
+        first = compiled(inputs)
+        inputs.mul_(3)  # in place, unseen by a version counter
+        torch.testing.assert_close(compiled(inputs), model(inputs))
+    torch.testing.assert_close(first, model(torch.ones(2, 4)))
 
 
 def check_dropout_draws_a_fresh_mask_each_step(device: str, autocast: bool = False):
