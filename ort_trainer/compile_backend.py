@@ -176,7 +176,7 @@ class ONNXRuntimeGraph:
     the inputs are copied into buffers bound once, the outputs bound once to buffers shaped from the (static) ONNX
     graph, and returned as copies (the next replay overwrites the buffers). An input that is such a copy (what the
     forward graph saved for the backward) is read from the other graph's output buffer instead, with no copy in,
-    as long as that buffer still holds it (`_BufferContents`).
+    while that buffer still holds it (`_BufferContents`).
 
     Outputs that are one of the graph's inputs are returned as that input; outputs that depend on no input (a
     constant) are computed once and returned as copies. Neither is the session's."""
@@ -258,10 +258,12 @@ class ONNXRuntimeGraph:
     def _run_replayed(self, inputs: list) -> list:
         if self._replay is None:
             self._replay = self._bind_buffers(inputs)
-        binding, input_buffers, output_buffers = self._replay
-        for buffer, value in zip(input_buffers, inputs):
-            if not _BufferContents.holds(buffer, value):
-                buffer.copy_(value)
+        binding, input_buffers, output_buffers, shared = self._replay
+        for buffer, value, is_shared in zip(input_buffers, inputs, shared):
+            if is_shared and _BufferContents.holds(buffer, value):
+                continue  # another graph's output buffer that still holds this input
+            buffer.copy_(value)
+            if is_shared:
                 _BufferContents.record(buffer, value)
         self._run_binding(binding)
         outputs = [buffer.clone() for buffer in output_buffers]
@@ -277,18 +279,18 @@ class ONNXRuntimeGraph:
 
     def _bind_buffers(self, inputs: list) -> tuple:
         """Input buffers on the graph's device (a 0-d CPU scalar too: a replay cannot copy from the host), or
-        another graph's buffer that holds the input, and output buffers shaped and typed as the ONNX graph's
-        outputs, bound once for every run."""
-        input_buffers = [_BufferContents.buffer_holding(value, self.device) for value in inputs]
+        another graph's output buffer that holds the input, and output buffers shaped and typed as the ONNX graph's
+        outputs, bound once for every run; then which inputs are read from another graph's buffer."""
+        held = [_BufferContents.buffer_holding(value, self.device) for value in inputs]
         input_buffers = [
             torch.empty_like(value, device=self.device) if buffer is None else buffer
-            for buffer, value in zip(input_buffers, inputs)
+            for buffer, value in zip(held, inputs)
         ]
         output_buffers = [
             torch.empty(value.shape, dtype=ONNX_TYPES[value.type], device=self.device)
             for value in self.session.get_outputs()
         ]
-        for buffer in input_buffers + output_buffers:
+        for buffer in output_buffers:
             _BufferContents.register(buffer)
         binding = self.session.io_binding()
         self._bind_inputs(binding, input_buffers)
@@ -301,15 +303,16 @@ class ONNXRuntimeGraph:
                 tuple(buffer.shape),
                 buffer.data_ptr(),
             )
-        return binding, input_buffers, output_buffers
+        return binding, input_buffers, output_buffers, [buffer is not None for buffer in held]
 
 
 class _BufferContents:
-    """What each bound buffer holds a copy of: a buffer written by a replay holds the copy returned of it, a buffer
-    copied into holds the tensor copied. A graph's input that a bound buffer holds (the activations the forward
-    graph saved for the backward, the weights the forward graph read) is bound to that buffer: its copy in is
-    skipped while the buffer still holds that tensor, unchanged (same version), and made once anything else
-    overwrote it (say, another forward replay before this backward)."""
+    """What each output buffer of a replayed graph holds a copy of: the copy returned of it after a replay, or the
+    tensor copied into it by a graph that reads it. A graph's input that such a buffer holds (what the forward graph
+    saved for the backward) is bound to that buffer: its copy in is skipped while the buffer still holds that
+    tensor, unchanged (same version, which autograd also checks of saved tensors), and made once anything else
+    overwrote it (another forward replay before this backward). Other inputs are always copied: weights updated by
+    a fused optimizer or through `.data` keep their version."""
 
     _buffers = []  # weak references (a WeakSet would compare tensors with ==)
 
