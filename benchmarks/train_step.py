@@ -13,11 +13,12 @@ process:
   runs' ratios).
 
 Usage: python benchmarks/train_step.py --model bert-base --batch_size 32 --fp16 [--backends eager ort inductor]
-[--optim adamw_torch_fused] [--repeats 3] [--task token-classification]
+[--optim adamw_torch_fused] [--repeats 3] [--task token-classification] [--profile_steps 3]
        python benchmarks/train_step.py --model t5-large --task translation --batch_size 32 --fp16
 """
 
 import argparse
+import collections
 import gc
 import json
 import statistics
@@ -81,6 +82,42 @@ class StepTimer(TrainerCallback):
             torch.cuda.synchronize()
 
 
+class KernelProfile(TrainerCallback):
+    """The last `steps` steps of the warm-up under the torch profiler: device time a step and the kernels that take
+    it (ONNX Runtime's included: the profiler sees every kernel on the device), or on the CPU the operators' own
+    time. Printed at once; the timed steps come after it."""
+
+    def __init__(self, warmup, steps):
+        self.first, self.steps, self.profiler = warmup - steps, steps, None
+        self.cuda = torch.cuda.is_available()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.first:
+            StepTimer._synchronize()
+            activity = torch.profiler.ProfilerActivity.CUDA if self.cuda else torch.profiler.ProfilerActivity.CPU
+            self.profiler = torch.profiler.profile(activities=[activity])
+            self.profiler.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.first + self.steps:
+            StepTimer._synchronize()
+            self.profiler.__exit__(None, None, None)
+            times = collections.defaultdict(lambda: [0, 0.0])
+            for event in self.profiler.events():
+                if (event.device_type == torch.autograd.DeviceType.CUDA) == self.cuda:
+                    time_us = event.time_range.elapsed_us() if self.cuda else event.self_cpu_time_total
+                    times[event.name][0] += 1
+                    times[event.name][1] += time_us / 1000 / self.steps
+            where = "GPU kernel" if self.cuda else "CPU operator"
+            print(
+                f"\n{where} time a step, steps {self.first + 1}-{self.first + self.steps}: "
+                f"{sum(t for _, t in times.values()):.1f} ms over {sum(c for c, _ in times.values()) // self.steps} "
+                "calls; the largest:"
+            )
+            for name, (count, milliseconds) in sorted(times.items(), key=lambda item: -item[1][1])[:15]:
+                print(f"{milliseconds:8.2f} ms {count // self.steps:6d}x  {name[:100]}")
+
+
 def model_config(model, task, seq_length):
     if task == "translation":
         return AutoConfig.for_model(**ARCHITECTURES[model], **T5_SETTINGS, vocab_size=T5_VOCABULARY)
@@ -117,9 +154,14 @@ def main():
     parser.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS))
     parser.add_argument("--repeats", type=int, default=1, help="Runs of each backend, in turns (medians reported).")
     parser.add_argument("--json", help="Also write every run's step time, losses and device memory to this file.")
+    parser.add_argument(
+        "--profile_steps", type=int, default=0, help="Profile this many of the last warm-up steps of each run."
+    )
     args = parser.parse_args()
     if ("t5" in args.model) != (args.task == "translation"):
         parser.error("--task translation needs a T5 --model; the classification tasks need one that is not T5.")
+    if args.profile_steps and args.profile_steps > args.warmup - 2:
+        parser.error("--profile_steps profiles warm-up steps after the first two (exports): raise --warmup.")
 
     config = model_config(args.model, args.task, args.seq_length)
     model_class = TASKS[args.task]
@@ -147,7 +189,10 @@ def main():
             **BACKENDS[backend],
         )
         timer = StepTimer(args.warmup)
-        trainer = ORTTrainer(model=model, args=training_args, train_dataset=data, callbacks=[timer])
+        callbacks = [timer, KernelProfile(args.warmup, args.profile_steps)] if args.profile_steps else [timer]
+        if args.profile_steps:
+            print(f"\n{backend}:")
+        trainer = ORTTrainer(model=model, args=training_args, train_dataset=data, callbacks=callbacks)
         trainer.train()
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         del trainer, model

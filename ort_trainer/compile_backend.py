@@ -16,10 +16,12 @@ Shapes are static: each new input shape is a new pair of graphs. This module is 
 torch internals the backend needs (AOTAutograd, its decompositions, dynamo's registry and recompile limits).
 """
 
+import collections
 import contextlib
 import functools
 import hashlib
 import importlib.metadata
+import itertools
 import logging
 import math
 import os
@@ -259,14 +261,18 @@ class ONNXRuntimeGraph:
         if self._replay is None:
             self._replay = self._bind_buffers(inputs)
         binding, input_buffers, output_buffers, shared = self._replay
-        for buffer, value, is_shared in zip(input_buffers, inputs, shared):
-            if is_shared and _BufferContents.holds(buffer, value):
-                continue  # another graph's output buffer that still holds this input
-            buffer.copy_(value)
-            if is_shared:
+        # An input read from another graph's output buffer that still holds it needs no copy.
+        stale = [
+            not (is_shared and _BufferContents.holds(buffer, value))
+            for buffer, value, is_shared in zip(input_buffers, inputs, shared)
+        ]
+        _copy_all(list(itertools.compress(input_buffers, stale)), list(itertools.compress(inputs, stale)))
+        for buffer, value, is_shared, was_stale in zip(input_buffers, inputs, shared, stale):
+            if is_shared and was_stale:
                 _BufferContents.record(buffer, value)
         self._run_binding(binding)
-        outputs = [buffer.clone() for buffer in output_buffers]
+        outputs = [torch.empty_like(buffer) for buffer in output_buffers]
+        _copy_all(outputs, output_buffers)
         for buffer, output in zip(output_buffers, outputs):
             _BufferContents.record(buffer, output)
         return outputs
@@ -304,6 +310,18 @@ class ONNXRuntimeGraph:
                 buffer.data_ptr(),
             )
         return binding, input_buffers, output_buffers, [buffer is not None for buffer in held]
+
+
+def _copy_all(destinations: list, sources: list) -> None:
+    """Each source copied into its destination, one multi-tensor launch per device and dtype rather than one per
+    tensor: a graph's inputs and outputs are hundreds of tensors."""
+    groups = collections.defaultdict(lambda: ([], []))
+    for destination, source in zip(destinations, sources, strict=True):
+        group = groups[destination.device, destination.dtype, source.device, source.dtype]
+        group[0].append(destination)
+        group[1].append(source)
+    for group_destinations, group_sources in groups.values():
+        torch._foreach_copy_(group_destinations, group_sources)
 
 
 class _BufferContents:
