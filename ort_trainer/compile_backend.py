@@ -176,14 +176,22 @@ class ONNXRuntimeGraph:
     With `cuda_graph`, ONNX Runtime captures the session's first run on CUDA as a CUDA graph and replays it after:
     one launch for the whole graph instead of one per kernel. A replay reads and writes the addresses captured, so
     the inputs are copied into buffers bound once, the outputs bound once to buffers shaped from the (static) ONNX
-    graph, and returned as copies (the next replay overwrites the buffers). An input that is such a copy (what the
-    forward graph saved for the backward) is read from the other graph's output buffer instead, with no copy in,
-    while that buffer still holds it (`_BufferContents`).
+    graph, and returned as copies (the next replay overwrites the buffers). A backward graph reads the activations
+    its forward saved from the forward's output buffers instead, with no copy in, while they still hold them
+    (`SavedActivations`).
 
     Outputs that are one of the graph's inputs are returned as that input; outputs that depend on no input (a
     constant) are computed once and returned as copies. Neither is the session's."""
 
-    def __init__(self, path: Path, gm: torch.fx.GraphModule, example_inputs, cuda_graph: bool = False):
+    def __init__(
+        self,
+        path: Path,
+        gm: torch.fx.GraphModule,
+        example_inputs,
+        cuda_graph: bool = False,
+        saved_activations: "SavedActivations | None" = None,
+        backward: bool = False,
+    ):
         import onnx
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 
@@ -192,6 +200,11 @@ class ONNXRuntimeGraph:
         self._boxed_call = True
         self.device = _device_of(example_inputs)
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
+        self.saved_activations = saved_activations
+        self.backward = backward
+        # AOTAutograd passes a backward graph the activations its forward saved, then the outputs' gradients.
+        placeholders = gm.graph.find_nodes(op="placeholder")
+        self.reads_saved = [backward and not node.name.startswith("tangents") for node in placeholders]
         model = onnx.load(str(path))
         fx_outputs = next(node for node in gm.graph.nodes if node.op == "output").args[0]
         # Backward graphs return None for inputs without a gradient; the ONNX graph leaves them out.
@@ -218,7 +231,7 @@ class ONNXRuntimeGraph:
             self.session = create_session(model.SerializeToString(), self.device, self.cuda_graph)
             self.output_names = [value.name for value in self.session.get_outputs()]
             self.bool_outputs = [value.type == "tensor(bool)" for value in self.session.get_outputs()]
-        self._replay = None  # (binding, input buffers, output buffers) once a CUDA graph is bound
+        self._replay = None  # (binding, input buffers, output buffers, saved indices) once a CUDA graph is bound
 
     def __call__(self, args: list):
         inputs = [value.contiguous() for value in args]  # kept alive until the run ends
@@ -260,21 +273,20 @@ class ONNXRuntimeGraph:
     def _run_replayed(self, inputs: list) -> list:
         if self._replay is None:
             self._replay = self._bind_buffers(inputs)
-        binding, input_buffers, output_buffers, shared = self._replay
-        # An input read from another graph's output buffer that still holds it needs no copy.
-        stale = [
-            not (is_shared and _BufferContents.holds(buffer, value))
-            for buffer, value, is_shared in zip(input_buffers, inputs, shared)
-        ]
+        binding, input_buffers, output_buffers, saved_indices = self._replay
+        saved = self.saved_activations
+        held = [index is not None and saved.holds(index, value) for index, value in zip(saved_indices, inputs)]
+        stale = [not was_held for was_held in held]
         _copy_all(list(itertools.compress(input_buffers, stale)), list(itertools.compress(inputs, stale)))
-        for buffer, value, is_shared, was_stale in zip(input_buffers, inputs, shared, stale):
-            if is_shared and was_stale:
-                _BufferContents.record(buffer, value)
+        for index, value, was_held in zip(saved_indices, inputs, held):
+            if index is not None and not was_held:
+                saved.record(index, value)
         self._run_binding(binding)
         outputs = [torch.empty_like(buffer) for buffer in output_buffers]
         _copy_all(outputs, output_buffers)
-        for buffer, output in zip(output_buffers, outputs):
-            _BufferContents.record(buffer, output)
+        if saved is not None and not self.backward:
+            for index, output in enumerate(outputs):
+                saved.record(index, output)
         return outputs
 
     def _run_binding(self, binding):
@@ -284,20 +296,23 @@ class ONNXRuntimeGraph:
             self.session.run_with_iobinding(binding)
 
     def _bind_buffers(self, inputs: list) -> tuple:
-        """Input buffers on the graph's device (a 0-d CPU scalar too: a replay cannot copy from the host), or
-        another graph's output buffer that holds the input, and output buffers shaped and typed as the ONNX graph's
-        outputs, bound once for every run; then which inputs are read from another graph's buffer."""
-        held = [_BufferContents.buffer_holding(value, self.device) for value in inputs]
+        """Input buffers on the graph's device (a 0-d CPU scalar too: a replay cannot copy from the host), or for a
+        saved activation the forward's output buffer that holds it, and output buffers shaped and typed as the ONNX
+        graph's outputs, bound once for every run; then the index among the forward's buffers of each input read
+        from one (None for the others)."""
+        saved_indices = [None] * len(inputs)
+        if self.saved_activations is not None and any(self.reads_saved):
+            saved_indices = self.saved_activations.indices_holding(inputs, self.reads_saved)
         input_buffers = [
-            torch.empty_like(value, device=self.device) if buffer is None else buffer
-            for buffer, value in zip(held, inputs)
+            torch.empty_like(value, device=self.device) if index is None else self.saved_activations.buffers[index]
+            for index, value in zip(saved_indices, inputs)
         ]
         output_buffers = [
             torch.empty(value.shape, dtype=ONNX_TYPES[value.type], device=self.device)
             for value in self.session.get_outputs()
         ]
-        for buffer in output_buffers:
-            _BufferContents.register(buffer)
+        if self.saved_activations is not None and not self.backward:
+            self.saved_activations.buffers = output_buffers
         binding = self.session.io_binding()
         self._bind_inputs(binding, input_buffers)
         for name, buffer in zip(self.output_names, output_buffers):
@@ -309,7 +324,7 @@ class ONNXRuntimeGraph:
                 tuple(buffer.shape),
                 buffer.data_ptr(),
             )
-        return binding, input_buffers, output_buffers, [buffer is not None for buffer in held]
+        return binding, input_buffers, output_buffers, saved_indices
 
 
 def _copy_all(destinations: list, sources: list) -> None:
@@ -324,41 +339,42 @@ def _copy_all(destinations: list, sources: list) -> None:
         torch._foreach_copy_(group_destinations, group_sources)
 
 
-class _BufferContents:
-    """What each output buffer of a replayed graph holds a copy of: the copy returned of it after a replay, or the
-    tensor copied into it by a graph that reads it. A graph's input that such a buffer holds (what the forward graph
-    saved for the backward) is bound to that buffer: its copy in is skipped while the buffer still holds that
-    tensor, unchanged (same version, which autograd also checks of saved tensors), and made once anything else
-    overwrote it (another forward replay before this backward). Other inputs are always copied: weights updated by
-    a fused optimizer or through `.data` keep their version."""
+class SavedActivations:
+    """The output buffers of one forward graph replayed as a CUDA graph, and the tensor each holds a copy of, for
+    its backward graph: each activation the forward saved is bound there, and not copied in while its buffer still
+    holds that very tensor, unchanged (same address, shape, strides and version, as autograd checks of saved
+    tensors). Another forward replay before this backward overwrites the buffers; the copy is made then.
 
-    _buffers = []  # weak references (a WeakSet would compare tensors with ==)
+    Only saved activations are read so, each from one buffer: autograd alone holds them. Any other input is copied
+    in at each replay, since tensors a user holds change in place without a version bump (weights under a fused
+    optimizer, `.data`, collectives)."""
 
-    @classmethod
-    def register(cls, buffer: torch.Tensor) -> None:
-        cls._buffers = [reference for reference in cls._buffers if reference() is not None]
-        cls._buffers.append(weakref.ref(buffer))
+    def __init__(self):
+        self.buffers = []
+        self._contents = {}  # buffer index: (weak reference to the tensor, its identity when copied)
 
-    @classmethod
-    def buffer_holding(cls, value: torch.Tensor, device: torch.device):
-        buffers = (reference() for reference in cls._buffers)
-        return next((b for b in buffers if b is not None and b.device == device and cls.holds(b, value)), None)
+    def record(self, index: int, value: torch.Tensor) -> None:
+        self._contents[index] = (weakref.ref(value), _identity(value))
 
-    @staticmethod
-    def record(buffer: torch.Tensor, value: torch.Tensor) -> None:
-        buffer._ort_trainer_holds = (weakref.ref(value), _BufferContents._identity(value))
+    def holds(self, index: int, value: torch.Tensor) -> bool:
+        reference, identity = self._contents.get(index, (lambda: None, None))
+        return identity is not None and reference() is value and identity == _identity(value)
 
-    @staticmethod
-    def holds(buffer: torch.Tensor, value: torch.Tensor) -> bool:
-        reference, identity = getattr(buffer, "_ort_trainer_holds", (None, None))
-        # While the tensor lives its memory is its own: the same address, shape and strides mean the same values.
-        return identity is not None and reference() is not None and identity == _BufferContents._identity(value)
+    def indices_holding(self, inputs: list, reads_saved: list) -> list:
+        """For each input to read from here, the index of the buffer that holds it; None for the others."""
+        indices, taken = [], set()
+        for value, read_saved in zip(inputs, reads_saved, strict=True):
+            free = (i for i in range(len(self.buffers)) if i not in taken and self.holds(i, value))
+            index = next(free, None) if read_saved else None
+            taken.add(index)
+            indices.append(index)
+        return indices
 
-    @staticmethod
-    def _identity(value: torch.Tensor):
-        if value.is_inference():  # no version counter to tell whether it changed: never taken as held
-            return None
-        return value.data_ptr(), value.dtype, tuple(value.shape), value.stride(), value._version
+
+def _identity(value: torch.Tensor) -> tuple | None:
+    if value.is_inference():  # outputs of a forward run in inference mode: no version counter, never read in place
+        return None
+    return value.data_ptr(), value.dtype, tuple(value.shape), value.stride(), value._version
 
 
 def _constant_outputs(model) -> dict:
@@ -403,8 +419,15 @@ def _passed_through_inputs(graph) -> dict:
     return passed_through
 
 
-def compile_graph(gm: torch.fx.GraphModule, example_inputs, cuda_graph: bool = False) -> ONNXRuntimeGraph:
-    """AOTAutograd's compiler for forward and backward graphs: export (or reuse from the cache), then a session."""
+def compile_graph(
+    gm: torch.fx.GraphModule,
+    example_inputs,
+    cuda_graph: bool = False,
+    saved_activations: SavedActivations | None = None,
+    backward: bool = False,
+) -> ONNXRuntimeGraph:
+    """AOTAutograd's compiler for forward and backward graphs: export (or reuse from the cache), then a session.
+    A forward and its backward share one `saved_activations`."""
     if any(not torch.is_tensor(value) for value in example_inputs):
         raise ValueError(
             f"The `{BACKEND_NAME}` backend compiles static shapes, but this graph takes symbolic sizes. "
@@ -428,7 +451,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, cuda_graph: bool = F
         logger.info("Graph %d read from the cache: %s", stats.graphs_built, path.name)
     else:
         _export(gm, example_inputs, path)
-    return ONNXRuntimeGraph(path, gm, example_inputs, cuda_graph)
+    return ONNXRuntimeGraph(path, gm, example_inputs, cuda_graph, saved_activations, backward)
 
 
 def _random_ops(gm: torch.fx.GraphModule) -> list:
@@ -472,21 +495,21 @@ def _addmm_as_matmul_and_add(bias, mat1, mat2, beta=1, alpha=1):
     return torch.mm(mat1, mat2) + bias
 
 
-def _aot_autograd_backend(cuda_graphs: bool):
+def _aot_autograd_backend(gm: torch.fx.GraphModule, example_inputs, cuda_graphs: bool):
     from torch._decomp import core_aten_decompositions
     from torch._dynamo.backends.common import aot_autograd
 
-    compiler = functools.partial(compile_graph, cuda_graph=cuda_graphs)
+    compiler = functools.partial(compile_graph, cuda_graph=cuda_graphs, saved_activations=SavedActivations())
     decompositions = {
         **core_aten_decompositions(),
         torch.ops.aten.copy.default: _copy_with_broadcast,
         torch.ops.aten.gelu_backward.default: _gelu_backward_in_fp16,
         torch.ops.aten.addmm.default: _addmm_as_matmul_and_add,
     }
-    return aot_autograd(fw_compiler=compiler, bw_compiler=compiler, decompositions=decompositions)
-
-
-_aot_backends = {cuda_graphs: _aot_autograd_backend(cuda_graphs) for cuda_graphs in (False, True)}
+    backend = aot_autograd(
+        fw_compiler=compiler, bw_compiler=functools.partial(compiler, backward=True), decompositions=decompositions
+    )
+    return backend(gm, example_inputs)
 
 
 def onnxruntime_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None):
@@ -502,7 +525,7 @@ def onnxruntime_backend(gm: torch.fx.GraphModule, example_inputs, options: dict 
             f"The `{BACKEND_NAME}` backend takes the option `cuda_graphs`, not {', '.join(sorted(options))}."
         )
     with sdpa_kernel([SDPBackend.MATH]):
-        return _aot_backends[cuda_graphs](gm, example_inputs)
+        return _aot_autograd_backend(gm, example_inputs, cuda_graphs)
 
 
 def _register():

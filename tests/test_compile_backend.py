@@ -377,9 +377,11 @@ def test_backward_reads_what_the_forward_saved_from_the_forwards_buffers(bound_o
     for batch in batches + batches:
         check_gradients(compiled(**batch).loss, batch)
     forward, backward = bound_once_on_cpu
-    forward_outputs = forward._replay[2]
-    read_from_forward = [any(buffer is output for output in forward_outputs) for buffer in backward._replay[1]]
-    assert read_from_forward == backward._replay[3] and sum(read_from_forward) > len(forward_outputs) // 2
+    forward_outputs, backward_inputs = forward._replay[2], backward._replay[1]
+    read_from_forward = [any(buffer is output for output in forward_outputs) for buffer in backward_inputs]
+    assert read_from_forward == [index is not None for index in backward._replay[3]]
+    assert sum(read_from_forward) > len(forward_outputs) // 2
+    assert len({id(buffer) for buffer in backward_inputs}) == len(backward_inputs)  # each buffer bound once
 
     losses = [compiled(**batch).loss for batch in batches]  # the second forward overwrites the first one's buffers
     for loss, batch in reversed(list(zip(losses, batches, strict=True))):
@@ -406,6 +408,67 @@ def test_weights_updated_by_a_fused_optimizer_are_copied_in_at_each_step(bound_o
             losses[name].append(loss.item())
     assert len(bound_once_on_cpu) == 2
     assert losses["compiled"] == pytest.approx(losses["eager"], abs=1e-5)
+
+
+def test_tensors_passed_between_graphs_are_copied_in_even_when_changed_unseen(bound_once_on_cpu):
+    """A tensor one graph returns and the next reads may change in place without a version bump (`.data`, as
+    collectives and custom kernels do) or lose its memory to another tensor: the next graph still reads its values."""
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+    compiled_first, compiled_second = (
+        compile_backend.compile_model(layer, cuda_graphs=True) for layer in (first, second)
+    )
+    inputs = torch.randn(64, 64)
+    for change in (
+        lambda hidden: hidden,
+        lambda hidden: hidden.data.mul_(2),
+        lambda hidden: hidden.data.copy_(inputs),
+    ):
+        for layer in (first, second):
+            layer.zero_grad()
+        hidden = compiled_first(inputs)
+        change(hidden)
+        compiled_second(hidden).sum().backward()
+        gradients = [layer.weight.grad.clone() for layer in (first, second)]
+        for layer in (first, second):
+            layer.zero_grad()
+        hidden = first(inputs)
+        change(hidden)
+        second(hidden).sum().backward()
+        for gradient, layer in zip(gradients, (first, second)):
+            torch.testing.assert_close(gradient, layer.weight.grad, atol=1e-5, rtol=0)
+    assert len(bound_once_on_cpu) == 4
+
+
+def test_gradients_of_two_outputs_are_read_apart_even_when_one_tensor_at_first(bound_once_on_cpu):
+    """The outputs' gradients are never read from another graph's buffer in place: at the first step both are the
+    one tensor that the next layer's backward graph returned, at the second they differ."""
+
+    class TwoHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.left, self.right = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, inputs):
+            return self.left(inputs), self.right(inputs)
+
+    torch.manual_seed(0)
+    eager, model = (
+        torch.nn.ModuleList([TwoHeads(), torch.nn.Linear(4, 4)]),
+        torch.nn.ModuleList([TwoHeads(), torch.nn.Linear(4, 4)]),
+    )
+    model.load_state_dict(eager.state_dict())
+    compiled = [compile_backend.compile_model(module, cuda_graphs=True) for module in model]
+    inputs, weights = torch.randn(2, 4), torch.randn(2, 4)
+    for combine in (lambda left, right: left + right, lambda left, right: left + 3 * right):
+        for heads, layer in (compiled, eager):
+            heads.zero_grad()
+            layer.zero_grad()
+            (layer(combine(*heads(inputs))) * weights).sum().backward()
+        for (name, parameter), reference in zip(model.named_parameters(), eager.parameters(), strict=True):
+            torch.testing.assert_close(parameter.grad, reference.grad, atol=1e-6, rtol=0, msg=name)
+    heads_backward = bound_once_on_cpu[-1]  # built last, as the backward runs last
+    assert heads_backward.backward and heads_backward._replay[3][-2:] == [None, None]
 
 
 def test_inputs_made_in_inference_mode_are_always_copied_in(bound_once_on_cpu):
