@@ -364,9 +364,10 @@ class SavedActivations:
         """For each input to read from here, the index of the buffer that holds it; None for the others."""
         indices, taken = [], set()
         for value, read_saved in zip(inputs, reads_saved, strict=True):
-            free = (i for i in range(len(self.buffers)) if i not in taken and self.holds(i, value))
-            index = next(free, None) if read_saved else None
-            taken.add(index)
+            held = (i for i in range(len(self.buffers)) if i not in taken and self.holds(i, value))
+            index = next(held, None) if read_saved else None
+            if index is not None:
+                taken.add(index)
             indices.append(index)
         return indices
 

@@ -412,7 +412,7 @@ def test_weights_updated_by_a_fused_optimizer_are_copied_in_at_each_step(bound_o
 
 def test_tensors_passed_between_graphs_are_copied_in_even_when_changed_unseen(bound_once_on_cpu):
     """A tensor one graph returns and the next reads may change in place without a version bump (`.data`, as
-    collectives and custom kernels do) or lose its memory to another tensor: the next graph still reads its values."""
+    collectives and custom kernels do) or take new memory (`.data =`): the next graph still reads its values."""
     torch.manual_seed(0)
     first, second = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
     compiled_first, compiled_second = (
@@ -423,6 +423,7 @@ def test_tensors_passed_between_graphs_are_copied_in_even_when_changed_unseen(bo
         lambda hidden: hidden,
         lambda hidden: hidden.data.mul_(2),
         lambda hidden: hidden.data.copy_(inputs),
+        lambda hidden: setattr(hidden, "data", hidden.data * 3),  # new memory, the old freed
     ):
         for layer in (first, second):
             layer.zero_grad()
