@@ -419,6 +419,7 @@ def test_tensors_passed_between_graphs_are_copied_in_even_when_changed_unseen(bo
         compile_backend.compile_model(layer, cuda_graphs=True) for layer in (first, second)
     )
     inputs = torch.randn(64, 64)
+    runs = compile_backend.stats.session_runs
     for change in (
         lambda hidden: hidden,
         lambda hidden: hidden.data.mul_(2),
@@ -439,6 +440,7 @@ def test_tensors_passed_between_graphs_are_copied_in_even_when_changed_unseen(bo
         for gradient, layer in zip(gradients, (first, second)):
             torch.testing.assert_close(gradient, layer.weight.grad, atol=1e-5, rtol=0)
     assert len(bound_once_on_cpu) == 4
+    assert compile_backend.stats.session_runs - runs == 4 * 4  # each change: two forwards, two backwards
 
 
 def test_gradients_of_two_outputs_are_read_apart_even_when_one_tensor_at_first(bound_once_on_cpu):
@@ -461,6 +463,7 @@ def test_gradients_of_two_outputs_are_read_apart_even_when_one_tensor_at_first(b
     model.load_state_dict(eager.state_dict())
     compiled = [compile_backend.compile_model(module, cuda_graphs=True) for module in model]
     inputs, weights = torch.randn(2, 4), torch.randn(2, 4)
+    runs = compile_backend.stats.session_runs
     for combine in (lambda left, right: left + right, lambda left, right: left + 3 * right):
         for heads, layer in (compiled, eager):
             heads.zero_grad()
@@ -468,6 +471,7 @@ def test_gradients_of_two_outputs_are_read_apart_even_when_one_tensor_at_first(b
             (layer(combine(*heads(inputs))) * weights).sum().backward()
         for (name, parameter), reference in zip(model.named_parameters(), eager.parameters(), strict=True):
             torch.testing.assert_close(parameter.grad, reference.grad, atol=1e-6, rtol=0, msg=name)
+    assert compile_backend.stats.session_runs - runs == 2 * 4  # each step: two forwards, two backwards
     heads_backward = bound_once_on_cpu[-1]  # built last, as the backward runs last
     assert heads_backward.backward and heads_backward._replay[3][-2:] == [None, None]
 
