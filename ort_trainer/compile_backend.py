@@ -496,6 +496,32 @@ def _addmm_as_matmul_and_add(bias, mat1, mat2, beta=1, alpha=1):
     return torch.mm(mat1, mat2) + bias
 
 
+def _embedding_backward_on_cuda(grad_output, indices, num_weights, padding_idx, scale_grad_by_freq):
+    """An embedding table's gradient, on CUDA for tables no longer than they are wide (positions, token types), as
+    the product of the indices' one-hot matrix and the gradients. PyTorch's decomposition scatters each gradient row
+    into the table with `ScatterND`, whose atomic additions ONNX Runtime serialises where many indices share a row
+    (every token's type is 0); the product costs at most one width x width linear layer over the tokens. Other
+    tables and devices keep PyTorch's decomposition."""
+    from torch._decomp import decomposition_table
+
+    width = grad_output.shape[-1]
+    if grad_output.device.type != "cuda" or scale_grad_by_freq or num_weights > width:
+        return decomposition_table[torch.ops.aten.embedding_dense_backward.default](
+            grad_output, indices, num_weights, padding_idx, scale_grad_by_freq
+        )
+    return embedding_gradient_as_product(grad_output, indices, num_weights, padding_idx)
+
+
+def embedding_gradient_as_product(grad_output, indices, num_weights: int, padding_idx: int):
+    """`embedding_dense_backward` as a one-hot product: row r of the table gets the sum of the gradient rows whose
+    index is r, in fp32 or wider; the padding row gets none."""
+    rows = torch.arange(num_weights, device=indices.device).unsqueeze(1)
+    one_hot = (indices.reshape(1, -1) == rows) & (rows != padding_idx)
+    dtype = torch.promote_types(grad_output.dtype, torch.float32)
+    product = one_hot.to(dtype) @ grad_output.reshape(-1, grad_output.shape[-1]).to(dtype)
+    return product.to(grad_output.dtype)
+
+
 def _aot_autograd_backend(gm: torch.fx.GraphModule, example_inputs, cuda_graphs: bool):
     from torch._decomp import core_aten_decompositions
     from torch._dynamo.backends.common import aot_autograd
@@ -506,6 +532,7 @@ def _aot_autograd_backend(gm: torch.fx.GraphModule, example_inputs, cuda_graphs:
         torch.ops.aten.copy.default: _copy_with_broadcast,
         torch.ops.aten.gelu_backward.default: _gelu_backward_in_fp16,
         torch.ops.aten.addmm.default: _addmm_as_matmul_and_add,
+        torch.ops.aten.embedding_dense_backward.default: _embedding_backward_on_cuda,
     }
     backend = aot_autograd(
         fw_compiler=compiler, bw_compiler=functools.partial(compiler, backward=True), decompositions=decompositions

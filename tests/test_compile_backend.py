@@ -324,6 +324,32 @@ def test_gelu_gradient_of_fp16_activations_is_computed_in_fp16_close_to_pytorch(
     assert not any("Cast" in ops for ops in operators)
 
 
+def test_embedding_gradient_as_a_one_hot_product_matches_pytorch(graph_cache, monkeypatch):
+    """On CUDA, small tables' gradients (positions, token types) are the one-hot product, not ScatterND's atomic
+    additions: the same sums, no row for the padding index. Run here on the CPU's sessions, as CUDA would."""
+    monkeypatch.setattr(
+        compile_backend,
+        "_embedding_backward_on_cuda",
+        lambda grad, indices, rows, padding_idx, by_frequency: compile_backend.embedding_gradient_as_product(
+            grad, indices, rows, padding_idx
+        ),
+    )
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(6, 8, padding_idx=1)
+    indices = torch.randint(0, 6, (4, 12))
+    upstream = torch.randn(4, 12, 8)
+    compiled = torch.compile(embedding, backend="onnxruntime", dynamic=False)
+    runs = compile_backend.stats.session_runs
+    compiled(indices).backward(upstream)
+    assert compile_backend.stats.session_runs - runs == 2
+    gradient, embedding.weight.grad = embedding.weight.grad, None
+    embedding(indices).backward(upstream)
+    torch.testing.assert_close(gradient, embedding.weight.grad, atol=1e-6, rtol=1e-6)
+    assert gradient[1].eq(0).all() and indices.eq(1).any()
+    operators = {node.op_type for path in graph_cache.glob("*.onnx") for node in onnx.load(path).graph.node}
+    assert "MatMul" in operators and "ScatterND" not in operators
+
+
 @pytest.mark.parametrize("onnxscript_optimizer", ["runs", "fails"])
 def test_an_input_saved_for_backward_outlives_the_call(monkeypatch, onnxscript_optimizer):
     """The forward graph returns the layer's input for the backward; where onnxscript's optimizer fails (torch
