@@ -509,10 +509,10 @@ def _embedding_backward_on_cuda(grad_output, indices, num_weights, padding_idx, 
         return decomposition_table[torch.ops.aten.embedding_dense_backward.default](
             grad_output, indices, num_weights, padding_idx, scale_grad_by_freq
         )
-    return embedding_gradient_as_product(grad_output, indices, num_weights, padding_idx)
+    return _embedding_gradient_as_product(grad_output, indices, num_weights, padding_idx)
 
 
-def embedding_gradient_as_product(grad_output, indices, num_weights: int, padding_idx: int):
+def _embedding_gradient_as_product(grad_output, indices, num_weights: int, padding_idx: int):
     """`embedding_dense_backward` as a one-hot product: row r of the table gets the sum of the gradient rows whose
     index is r, in fp32 or wider; the padding row gets none."""
     rows = torch.arange(num_weights, device=indices.device).unsqueeze(1)

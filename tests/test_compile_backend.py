@@ -330,7 +330,7 @@ def test_embedding_gradient_as_a_one_hot_product_matches_pytorch(graph_cache, mo
     monkeypatch.setattr(
         compile_backend,
         "_embedding_backward_on_cuda",
-        lambda grad, indices, rows, padding_idx, by_frequency: compile_backend.embedding_gradient_as_product(
+        lambda grad, indices, rows, padding_idx, by_frequency: compile_backend._embedding_gradient_as_product(
             grad, indices, rows, padding_idx
         ),
     )
