@@ -350,6 +350,33 @@ def test_embedding_gradient_as_a_one_hot_product_matches_pytorch(graph_cache, mo
     assert "MatMul" in operators and "ScatterND" not in operators
 
 
+@pytest.mark.parametrize(
+    ("device", "rows", "scale_grad_by_freq", "as_product"),
+    [("cuda", 16, False, True), ("cuda", 17, False, False), ("cuda", 2, True, False), ("cpu", 2, False, False)],
+)
+def test_embedding_gradient_is_a_product_only_for_small_tables_on_cuda(
+    monkeypatch, device, rows, scale_grad_by_freq, as_product
+):
+    """The product for tables no longer than they are wide, on CUDA; PyTorch's ScatterND decomposition for the word
+    table, the CPU, and gradients scaled by frequency. Fake tensors: CUDA tensors without a GPU, traced only."""
+    from torch._decomp import decomposition_table
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    scattered = []
+    monkeypatch.setitem(
+        decomposition_table,
+        torch.ops.aten.embedding_dense_backward.default,
+        lambda grad, indices, rows, *flags: scattered.append(rows) or grad.new_zeros(rows, grad.shape[-1]),
+    )
+    with FakeTensorMode():
+        grad = torch.empty(4, 8, 16, device=device)
+        gradient = compile_backend._embedding_backward_on_cuda(
+            grad, torch.zeros(4, 8, dtype=torch.long, device=device), rows, -1, scale_grad_by_freq
+        )
+    assert gradient.shape == (rows, 16) and gradient.device.type == device
+    assert scattered == ([] if as_product else [rows])
+
+
 @pytest.mark.parametrize("onnxscript_optimizer", ["runs", "fails"])
 def test_an_input_saved_for_backward_outlives_the_call(monkeypatch, onnxscript_optimizer):
     """The forward graph returns the layer's input for the backward; where onnxscript's optimizer fails (torch
