@@ -10,8 +10,10 @@ Registered with dynamo as "onnxruntime", so after `import ort_trainer.compile_ba
 
     compiled = torch.compile(model, backend="onnxruntime", dynamic=False)
 
-On CUDA, `options={"cuda_graphs": True}` replays each graph as a CUDA graph (one launch a graph, not one a kernel);
-graphs that draw random numbers (dropout) are refused there, since a replay repeats the captured ones.
+On CUDA, `options={"cuda_graphs": True}` replays each graph as a CUDA graph (one launch a graph, not one a kernel).
+Dropout's masks are drawn by PyTorch and passed to the graphs, so torch's seed fixes them and each replay gets new
+ones; graphs that draw other random numbers in ONNX Runtime are refused under CUDA graphs, since a replay repeats
+the captured ones.
 Shapes are static: each new input shape is a new pair of graphs. This module is the only place that knows the
 torch internals the backend needs (AOTAutograd, its decompositions, dynamo's registry and recompile limits).
 """
@@ -191,6 +193,7 @@ class ONNXRuntimeGraph:
         cuda_graph: bool = False,
         saved_activations: "SavedActivations | None" = None,
         backward: bool = False,
+        dropout_masks: list | None = None,
     ):
         import onnx
         from torch._subclasses.fake_tensor import unset_fake_temporarily
@@ -202,6 +205,7 @@ class ONNXRuntimeGraph:
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
         self.saved_activations = saved_activations
         self.backward = backward
+        self.dropout_masks = dropout_masks or []
         # AOTAutograd passes a backward graph the activations its forward saved, then the outputs' gradients.
         placeholders = gm.graph.find_nodes(op="placeholder")
         self.reads_saved = [backward and not node.name.startswith("tangents") for node in placeholders]
@@ -234,7 +238,7 @@ class ONNXRuntimeGraph:
         self._replay = None  # (binding, input buffers, output buffers, saved indices) once a CUDA graph is bound
 
     def __call__(self, args: list):
-        inputs = [value.contiguous() for value in args]  # kept alive until the run ends
+        inputs = [value.contiguous() for value in args] + self._draw_masks()  # kept alive until the run ends
         args.clear()
         session_outputs = iter([])
         if self.session is not None:
@@ -250,6 +254,14 @@ class ONNXRuntimeGraph:
                 outputs.append(next(session_outputs))
         outputs = iter(outputs)
         return [None if missing else next(outputs) for missing in self.missing_outputs]
+
+    def _draw_masks(self) -> list:
+        """A new mask for each dropout of the graph (`_dropout_masks_as_inputs`), drawn as PyTorch's own dropout
+        draws it on the CPU: the same generator, the same masks."""
+        return [
+            torch.empty(shape, dtype=torch.bool, device=self.device).bernoulli_(keep)
+            for shape, keep in self.dropout_masks
+        ]
 
     def _bind_inputs(self, binding, inputs: list):
         for name, value in zip(self.input_names, inputs):
@@ -434,11 +446,11 @@ def compile_graph(
             f"The `{BACKEND_NAME}` backend compiles static shapes, but this graph takes symbolic sizes. "
             "To fix: pass `dynamic=False` to `torch.compile`."
         )
+    dropout_masks, example_inputs = _dropout_masks_as_inputs(gm, example_inputs)
     if cuda_graph and (random_ops := _random_ops(gm)):
         raise ValueError(
-            f"A CUDA graph replays the random numbers it captured, and this graph draws some ({', '.join(random_ops)}"
-            "): dropout would drop the same units at every step. To fix: set every dropout probability of the model "
-            "to 0, or compile without CUDA graphs."
+            f"A CUDA graph replays the random numbers it captured, and this graph draws some in ONNX Runtime "
+            f"({', '.join(random_ops)}): each step would draw the same ones. To fix: compile without CUDA graphs."
         )
     unsupported = {str(value.dtype) for value in example_inputs if value.dtype not in NUMPY_TYPES}
     if unsupported:
@@ -452,12 +464,45 @@ def compile_graph(
         logger.info("Graph %d read from the cache: %s", stats.graphs_built, path.name)
     else:
         _export(gm, example_inputs, path)
-    return ONNXRuntimeGraph(path, gm, example_inputs, cuda_graph, saved_activations, backward)
+    return ONNXRuntimeGraph(path, gm, example_inputs, cuda_graph, saved_activations, backward, dropout_masks)
+
+
+def _dropout_masks_as_inputs(gm: torch.fx.GraphModule, example_inputs) -> tuple:
+    """Each dropout of the graph in training (`native_dropout`, which ONNX Runtime would run with its own random
+    generators) rewritten in place to apply a mask that the graph takes as one more input, and returns as the mask
+    saved for the backward. PyTorch draws the masks before each run (`ONNXRuntimeGraph._draw_masks`), so
+    `torch.manual_seed` and a checkpoint's random state fix them, and a CUDA graph's replay gets new ones.
+    Returns [(mask shape, keep probability)] in input order, and the example inputs with the masks' appended."""
+    graph = gm.graph
+    dropouts = graph.find_nodes(op="call_function", target=torch.ops.aten.native_dropout.default)
+    if not dropouts:
+        return [], example_inputs
+    last_input = graph.find_nodes(op="placeholder")[-1]
+    masks, mask_examples = [], []
+    for node in dropouts:
+        value, p = node.args[:2]
+        if (node.args[2] if len(node.args) > 2 else node.kwargs.get("train")) is False:
+            continue
+        mask_example = node.meta["val"][1]
+        with graph.inserting_after(last_input):
+            mask = last_input = graph.placeholder(f"dropout_mask_{len(masks)}")
+        mask.meta["val"] = mask_example
+        with graph.inserting_before(node):
+            kept = graph.call_function(torch.ops.aten.mul.Tensor, (value, mask))
+            output = graph.call_function(torch.ops.aten.mul.Tensor, (kept, 1 / (1 - p) if p < 1 else 0.0))
+        for user in list(node.users):  # `getitem`s: 0 the output, 1 the mask
+            user.replace_all_uses_with(output if user.args[1] == 0 else mask)
+            graph.erase_node(user)
+        graph.erase_node(node)
+        masks.append((tuple(mask_example.shape), 1 - p))
+        mask_examples.append(mask_example)
+    gm.recompile()
+    return masks, [*example_inputs, *mask_examples]
 
 
 def _random_ops(gm: torch.fx.GraphModule) -> list:
-    """The graph's operators that draw random numbers (dropout). ONNX Runtime's CUDA kernels take their random
-    seeds from the host at launch, so a captured graph would replay the same ones."""
+    """The graph's operators that draw random numbers in ONNX Runtime. Its CUDA kernels take their random seeds
+    from the host at launch, so a captured graph would replay the same ones."""
     return sorted(
         {
             str(node.target)
@@ -567,8 +612,8 @@ _register()
 
 
 def seed_random_generators(seed: int) -> None:
-    """Seed ONNX Runtime's random generators (its dropout's), which torch's seed does not reach: the same seed, the
-    same masks. Only `onnxruntime-training` ties the two, on its import."""
+    """Seed ONNX Runtime's random generators, which torch's seed does not reach, for random operators other than
+    dropout (whose masks PyTorch draws). Only `onnxruntime-training` ties the two, on its import."""
     import onnxruntime
 
     onnxruntime.set_seed(seed)

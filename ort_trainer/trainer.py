@@ -191,19 +191,6 @@ def _check_batch(model: torch.nn.Module, inputs: dict) -> None:
 _LOOP_TIMINGS = ("model_preparation_time",)
 
 
-def _refuse_dropout(model: torch.nn.Module) -> None:
-    """A CUDA graph replays the random numbers it captured: its dropout would drop the same units at every step."""
-    dropouts = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout)
-    probabilities = sorted({module.p for module in model.modules() if isinstance(module, dropouts) and module.p})
-    if probabilities:
-        raise ValueError(
-            f"`--ort_cuda_graphs` replays the random numbers each CUDA graph captured, so {type(model).__name__}'s "
-            f"dropout (p = {', '.join(map(str, probabilities))}) would drop the same units at every step. To fix: set "
-            "every dropout probability of the model's config to 0 (BERT: `hidden_dropout_prob` and "
-            "`attention_probs_dropout_prob`; T5: `dropout_rate`), or drop `--ort_cuda_graphs`."
-        )
-
-
 def _quantization_metrics(int8, fp32, prefix: str, pad_token_id: int) -> dict:
     """The share of the int8 graph's predictions (or generated sentences) that equal the fp32 graph's, and the fp32
     graph's metrics."""
@@ -260,8 +247,6 @@ class ORTTrainer(TokenCountingMixin, Trainer):
                 from . import compile_backend
 
                 compile_backend.seed_random_generators(self.args.seed)
-            if self.args.ort_cuda_graphs:
-                _refuse_dropout(self.model)
             with _prepared_for_ort_training(self.model) as user_settings, self._graph_limits():
                 self._user_settings = user_settings
                 try:

@@ -47,8 +47,8 @@ class ORTTrainingArguments(TrainingArguments):
         default=False,
         metadata={
             "help": "With the compile backend on CUDA: ONNX Runtime captures each forward and backward graph as a "
-            "CUDA graph and replays it, one launch a graph instead of one a kernel (shapes are static there). A "
-            "replay repeats the random numbers captured, so models with dropout are refused: set their dropout to 0."
+            "CUDA graph and replays it, one launch a graph instead of one a kernel (shapes are static there). "
+            "Dropout's masks are drawn by PyTorch at each step, outside the graphs."
         },
     )
     optim: str = field(

@@ -8,7 +8,6 @@ from transformers import AutoModelForSequenceClassification, Trainer, TrainingAr
 
 from ort_trainer import ORTTrainer, ORTTrainingArguments, compile_backend, transformers_compat
 from ort_trainer.ortmodule import ORTTrainingError
-from ort_trainer.trainer import _refuse_dropout
 
 from .tiny_models import tiny_dataset, tiny_model
 
@@ -117,6 +116,12 @@ def test_trimmed_lengths_share_a_few_graphs_and_train_like_pytorch(tmp_path):
 
 
 def test_checkpoints_are_plain_and_resume_matches_an_uninterrupted_run(tmp_path):
+    """With dropout on: the checkpoint's random state gives the resumed run the masks the uninterrupted one drew."""
+
+    def bert_trainer(args):
+        model = with_dropout(tiny_model("bert"), 0.2)
+        return ORTTrainer(model=model, args=args, train_dataset=tiny_dataset("bert"))
+
     full = bert_trainer(compile_args(tmp_path / "full", max_steps=6))
     full.train()
     args = compile_args(tmp_path / "resumed", max_steps=6, save_strategy="steps", save_steps=3)
@@ -541,16 +546,14 @@ def test_inputs_made_in_inference_mode_are_always_copied_in(bound_once_on_cpu):
     torch.testing.assert_close(first, model(torch.ones(2, 4)))
 
 
-def check_dropout_draws_a_fresh_mask_each_step(device: str, autocast: bool = False):
+def check_dropout_draws_a_fresh_mask_each_step(device: str, autocast: bool = False, cuda_graphs: bool = False):
     """Through an identity layer, dropout's output shows its mask: about half the elements kept at p=0.5, a new mask
     each call and for each row, and the gradient masked by the same mask as the forward."""
-    # ONNX Runtime's CPU dropout seeds a fresh generator from a counter at each call, and seeds 0 and 1 draw the same
-    # numbers there; onnxruntime-training sets that counter to torch's seed, so 0 would repeat the first mask.
-    torch.manual_seed(1)
+    torch.manual_seed(0)
     layer = torch.nn.Linear(256, 256, bias=False, device=device)
     torch.nn.init.eye_(layer.weight)
     model = torch.nn.Sequential(layer, torch.nn.Dropout(0.5))
-    compiled = compile_backend.compile_model(model)
+    compiled = compile_backend.compile_model(model, cuda_graphs=cuda_graphs)
     inputs = torch.ones(64, 256, device=device)
     runs = compile_backend.stats.session_runs
     masks = []
@@ -576,48 +579,84 @@ def test_dropout_draws_a_fresh_mask_each_step():
     check_dropout_draws_a_fresh_mask_each_step("cpu")
 
 
-def test_cuda_graphs_refuse_a_graph_that_draws_random_numbers():
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.1))
+def with_dropout(model: torch.nn.Module, p: float) -> torch.nn.Module:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+    return model
+
+
+def check_dropout_masks_are_pytorchs(graph_cache, cuda_graphs: bool):
+    """PyTorch draws dropout's masks and ONNX Runtime applies them: on the CPU, from the same seed, the very masks
+    of eager PyTorch, so the same losses and gradients, step after step. No graph draws random numbers itself."""
+    data = tiny_dataset("bert")
+    batch = {key: torch.stack([row[key] for row in data[:8]]) for key in data[0]}
+    eager, model = with_dropout(tiny_model("bert"), 0.2), with_dropout(tiny_model("bert"), 0.2)
+    for module in (eager, model):
+        transformers_compat.settle_problem_type(module, batch["labels"])  # one pair of graphs
+    compiled = compile_backend.compile_model(model, cuda_graphs=cuda_graphs)
+    runs = compile_backend.stats.session_runs
+    losses = []
+    for step in range(3):
+        for module, run in ((eager, eager), (model, compiled)):
+            module.zero_grad()
+            torch.manual_seed(step)
+            loss = run(**batch).loss
+            loss.backward()
+            losses.append(loss.item())
+        for (name, expected), actual in zip(eager.named_parameters(), model.parameters(), strict=True):
+            torch.testing.assert_close(actual.grad, expected.grad, atol=1e-6, rtol=1e-5, msg=name)
+    assert compile_backend.stats.session_runs - runs == 6
+    assert losses[1::2] == pytest.approx(losses[0::2], abs=1e-6)
+    assert len(set(losses[0::2])) == 3  # a new mask each step (the batch and weights stay the same)
+    random_nodes = {"Dropout", "RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Bernoulli"}
+    graphs = [onnx.load(path) for path in graph_cache.glob("*.onnx")]
+    assert len(graphs) == 2 and not any(node.op_type in random_nodes for graph in graphs for node in graph.graph.node)
+
+
+def test_dropout_masks_are_pytorchs(graph_cache):
+    check_dropout_masks_are_pytorchs(graph_cache, cuda_graphs=False)
+
+
+def test_dropout_masks_are_pytorchs_in_buffers_bound_once(graph_cache, bound_once_on_cpu):
+    """Where CUDA graphs replay, the masks are copied into the buffers bound once: a new mask at each replay."""
+    check_dropout_masks_are_pytorchs(graph_cache, cuda_graphs=True)
+    assert len(bound_once_on_cpu) == 2
+
+
+def test_cuda_graphs_refuse_a_graph_that_draws_random_numbers_in_onnx_runtime():
+    class Noise(torch.nn.Module):
+        def forward(self, inputs):
+            return inputs + torch.rand_like(inputs)
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), Noise())
     with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as raised:
         compile_backend.compile_model(model, cuda_graphs=True)(torch.ones(2, 8))
     assert compile_backend.describe_failure(model, raised.value) == (
         "ONNX Runtime (compile backend) could not train Sequential: A CUDA graph replays the random numbers it "
-        "captured, and this graph draws some (aten.native_dropout.default): dropout would drop the same units at "
-        "every step. To fix: set every dropout probability of the model to 0, or compile without CUDA graphs."
+        "captured, and this graph draws some in ONNX Runtime (aten.rand_like.default): each step would draw the same "
+        "ones. To fix: compile without CUDA graphs."
     )
 
 
-def test_cuda_graphs_refuse_a_model_with_dropout_before_training():
-    model = tiny_model("bert")
-    model.bert.encoder.layer[0].output.dropout.p = 0.1
-    with pytest.raises(ValueError) as raised:
-        _refuse_dropout(model)
-    assert str(raised.value) == (
-        "`--ort_cuda_graphs` replays the random numbers each CUDA graph captured, so BertForSequenceClassification's "
-        "dropout (p = 0.1) would drop the same units at every step. To fix: set every dropout probability of the "
-        "model's config to 0 (BERT: `hidden_dropout_prob` and `attention_probs_dropout_prob`; T5: `dropout_rate`), "
-        "or drop `--ort_cuda_graphs`."
-    )
-    _refuse_dropout(tiny_model("bert"))  # dropout off: accepted
+def test_dropout_in_the_trainer_matches_transformers_trainer(tmp_path):
+    """With dropout on, the compile backend trains as `transformers.Trainer` does on the CPU: the Trainer's seed
+    fixes the masks, which PyTorch draws for both, on the same shapes (no padding added to a bucket of lengths).
+    Another seed, other masks."""
 
-
-def test_the_seed_fixes_onnx_runtime_dropout(tmp_path):
-    """ONNX Runtime's dropout draws from its own generators, which the trainer seeds with `--seed`."""
-    import onnxruntime
-
-    def losses(seed, seeded_before):
-        model = tiny_model("bert")
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.3
-        args = compile_args(tmp_path, seed=seed, max_steps=3, logging_steps=1, learning_rate=0.0)
-        trainer = ORTTrainer(model=model, args=args, train_dataset=tiny_dataset("bert"))
-        onnxruntime.set_seed(seeded_before)  # whatever seeded ONNX Runtime before, train() seeds it again
+    def train(trainer_class, seed):
+        output_dir = tmp_path / f"{trainer_class.__name__}{seed}"
+        args = compile_args(output_dir, seed=seed, max_steps=3, logging_steps=1, trim_padding=False)
+        model = with_dropout(tiny_model("bert"), 0.2)
+        trainer = trainer_class(model=model, args=args, train_dataset=tiny_dataset("bert"))
         runs = compile_backend.stats.session_runs
         trainer.train()
-        assert compile_backend.stats.session_runs - runs == 6
-        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        assert compile_backend.stats.session_runs - runs == (6 if trainer_class is ORTTrainer else 0)
+        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry], trainer.model
 
-    first = losses(seed=1, seeded_before=1000)
-    assert losses(seed=1, seeded_before=2000) == first
-    assert losses(seed=2, seeded_before=1000) != first
+    losses, model = train(ORTTrainer, seed=1)
+    reference_losses, reference_model = train(Trainer, seed=1)
+    assert losses == pytest.approx(reference_losses, abs=1e-5)
+    for (name, value), expected in zip(model.named_parameters(), reference_model.parameters(), strict=True):
+        torch.testing.assert_close(value, expected, atol=1e-5, rtol=0, msg=name)
+    assert train(ORTTrainer, seed=2)[0] != pytest.approx(losses, abs=1e-5)

@@ -6,7 +6,7 @@ import torch
 from ort_trainer import ORTTrainer, ORTTrainingArguments, compile_backend, cuda_streams, transformers_compat
 from ort_trainer.import_utils import onnxruntime_providers
 
-from .test_compile_backend import check_dropout_draws_a_fresh_mask_each_step
+from .test_compile_backend import check_dropout_draws_a_fresh_mask_each_step, with_dropout
 from .tiny_models import tiny_dataset, tiny_model
 
 
@@ -22,7 +22,7 @@ def graph_cache(tmp_path, monkeypatch):
     torch._dynamo.reset()
 
 
-def train_losses(tmp_path, name, model_name="bert", **overrides):
+def train_losses(tmp_path, name, model_name="bert", dropout=0.0, **overrides):
     args = ORTTrainingArguments(
         output_dir=str(tmp_path / name),
         per_device_train_batch_size=8,
@@ -37,7 +37,8 @@ def train_losses(tmp_path, name, model_name="bert", **overrides):
         ort_backend="compile",
         **overrides,
     )
-    trainer = ORTTrainer(model=tiny_model(model_name), args=args, train_dataset=tiny_dataset(model_name, size=48))
+    model = with_dropout(tiny_model(model_name), dropout)
+    trainer = ORTTrainer(model=model, args=args, train_dataset=tiny_dataset(model_name, size=48))
     runs = compile_backend.stats.session_runs
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -140,22 +141,18 @@ def test_compiled_step_runs_in_order_with_pytorch(cuda_graphs):
         torch.testing.assert_close(value, expected, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("cuda_graphs", [False, True])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_dropout_draws_a_fresh_mask_each_step(autocast):
-    check_dropout_draws_a_fresh_mask_each_step("cuda", autocast)
+def test_dropout_draws_a_fresh_mask_each_step(autocast, cuda_graphs):
+    check_dropout_draws_a_fresh_mask_each_step("cuda", autocast, cuda_graphs)
 
 
-def test_cuda_graphs_refuse_dropout_before_training(tmp_path):
-    model = tiny_model("bert")
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.1
-    args = ORTTrainingArguments(
-        output_dir=str(tmp_path / "out"), max_steps=2, report_to=[], ort_backend="compile", ort_cuda_graphs=True
-    )
-    trainer = ORTTrainer(model=model, args=args, train_dataset=tiny_dataset("bert", size=16))
-    runs = compile_backend.stats.session_runs
-    with pytest.raises(ValueError, match=r"^`--ort_cuda_graphs` replays the random numbers each CUDA graph captured"):
-        trainer.train()
-    assert compile_backend.stats.session_runs == runs
-    assert not any((tmp_path / "out").iterdir())  # nothing written
+def test_dropout_trains_under_cuda_graphs_as_without_them(tmp_path, replayed):
+    """PyTorch draws dropout's masks on the device from the Trainer's seed, replayed graph or not: the same masks,
+    so the same losses and weights."""
+    reference, _, reference_model = train_losses(tmp_path, "plain", dropout=0.1)
+    losses, runs, model = train_losses(tmp_path, "replayed", dropout=0.1, ort_cuda_graphs=True)
+    assert runs == 12 and replayed == [True] * 12
+    assert_trained_alike(losses, model, reference, reference_model)
+    no_dropout, _, _ = train_losses(tmp_path, "no_dropout")
+    assert losses != pytest.approx(no_dropout, abs=1e-4)  # dropout was on
