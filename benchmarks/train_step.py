@@ -8,12 +8,13 @@ process:
   it on the host), samples/s and achieved TFLOP/s (6 x parameters without embeddings x tokens);
 - the device memory in use at the end, read from the device (ONNX Runtime allocates outside PyTorch's allocator,
   so `torch.cuda.max_memory_allocated` would miss it; both allocators keep what they reserved);
-- each backend's logged losses against eager's;
+- each backend's logged losses against eager's (with `--dropout` on CUDA, eager's masks are not the compile
+  backend's, so the losses differ by dropout's noise);
 - with `--repeats`, the backends run in turns, and each figure is the median of its runs (the ratio: of the paired
   runs' ratios).
 
 Usage: python benchmarks/train_step.py --model bert-base --batch_size 32 --fp16 [--backends eager ort inductor]
-[--optim adamw_torch_fused] [--repeats 3] [--task token-classification] [--profile_steps 3]
+[--optim adamw_torch_fused] [--dropout 0.1] [--repeats 3] [--task token-classification] [--profile_steps 3]
        python benchmarks/train_step.py --model t5-large --task translation --batch_size 32 --fp16
 """
 
@@ -149,6 +150,12 @@ def main():
     parser.add_argument(
         "--logging_steps", type=int, default=10, help="Losses are compared at these steps (a log waits for the GPU)."
     )
+    parser.add_argument(
+        "--dropout",
+        type=float,
+        default=0.0,
+        help="The model's dropout probability (off by default, so that every backend computes the same losses).",
+    )
     parser.add_argument("--fp16", action="store_true")
     parser.add_argument("--optim", default="adamw_torch", help="The optimizer of every row, e.g. adamw_torch_fused.")
     parser.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS))
@@ -164,6 +171,11 @@ def main():
         parser.error("--profile_steps profiles warm-up steps after the first two (exports): raise --warmup.")
 
     config = model_config(args.model, args.task, args.seq_length)
+    if args.dropout:
+        names = (
+            ["dropout_rate"] if args.task == "translation" else ["hidden_dropout_prob", "attention_probs_dropout_prob"]
+        )
+        config.update(dict.fromkeys(names, args.dropout))
     model_class = TASKS[args.task]
     torch.manual_seed(0)
     initial = model_class.from_config(config).state_dict()
@@ -212,8 +224,9 @@ def main():
     eager = runs.get("eager")
     print(
         f"\n{args.model} {args.task}, batch {args.batch_size} x {args.seq_length} real tokens, "
-        f"{'fp16' if args.fp16 else 'fp32'}, {args.optim}, mean of steps {args.warmup + 1}-{args.steps}, "
-        f"median of {args.repeats} runs in turns, {parameters / 1e6:.0f}M parameters without embeddings\n"
+        f"{'fp16' if args.fp16 else 'fp32'}, {args.optim}, dropout {args.dropout}, "
+        f"mean of steps {args.warmup + 1}-{args.steps}, median of {args.repeats} runs in turns, "
+        f"{parameters / 1e6:.0f}M parameters without embeddings\n"
     )
     print(
         "| Backend | ms/step (runs) | samples/s | TFLOP/s | vs eager (median of paired runs) | device memory (GiB) "
