@@ -15,6 +15,7 @@ process:
 
 Usage: python benchmarks/train_step.py --model bert-base --batch_size 32 --fp16 [--backends eager ort inductor]
 [--optim adamw_torch_fused] [--dropout 0.1] [--repeats 3] [--task token-classification] [--profile_steps 3]
+       [--training_args '{"logging_nan_inf_filter": false}']
        python benchmarks/train_step.py --model t5-large --task translation --batch_size 32 --fp16
 """
 
@@ -158,6 +159,12 @@ def main():
     )
     parser.add_argument("--fp16", action="store_true")
     parser.add_argument("--optim", default="adamw_torch", help="The optimizer of every row, e.g. adamw_torch_fused.")
+    parser.add_argument(
+        "--training_args",
+        type=json.loads,
+        default={},
+        help="More Trainer arguments for every row, as JSON, e.g. '{\"logging_nan_inf_filter\": false}'.",
+    )
     parser.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS))
     parser.add_argument("--repeats", type=int, default=1, help="Runs of each backend, in turns (medians reported).")
     parser.add_argument("--json", help="Also write every run's step time, losses and device memory to this file.")
@@ -199,6 +206,7 @@ def main():
             optim=args.optim,
             disable_tqdm=True,
             **BACKENDS[backend],
+            **args.training_args,
         )
         timer = StepTimer(args.warmup)
         callbacks = [timer, KernelProfile(args.warmup, args.profile_steps)] if args.profile_steps else [timer]
@@ -226,7 +234,8 @@ def main():
         f"\n{args.model} {args.task}, batch {args.batch_size} x {args.seq_length} real tokens, "
         f"{'fp16' if args.fp16 else 'fp32'}, {args.optim}, dropout {args.dropout}, "
         f"mean of steps {args.warmup + 1}-{args.steps}, median of {args.repeats} runs in turns, "
-        f"{parameters / 1e6:.0f}M parameters without embeddings\n"
+        f"{parameters / 1e6:.0f}M parameters without embeddings"
+        f"{', training arguments ' + json.dumps(args.training_args) if args.training_args else ''}\n"
     )
     print(
         "| Backend | ms/step (runs) | samples/s | TFLOP/s | vs eager (median of paired runs) | device memory (GiB) "

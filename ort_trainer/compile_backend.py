@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from . import cuda_streams
+from . import cuda_streams, iobinding
 from .inference.session import NUMPY_TYPES, ONNX_TYPES
 from .ortmodule import cache_dir
 
@@ -162,16 +162,6 @@ def create_session(model: bytes, device: torch.device, cuda_graph: bool = False)
     )
 
 
-def _to_torch(value, is_bool: bool) -> torch.Tensor:
-    """An ORT output as a tensor without a copy (newer builds expose `__dlpack__`, older ones `to_dlpack`). Older
-    builds hand bool tensors over as uint8."""
-    if hasattr(value, "__dlpack__"):
-        tensor = torch.from_dlpack(value)
-    else:
-        tensor = torch.utils.dlpack.from_dlpack(value._ortvalue.to_dlpack())
-    return tensor.view(torch.bool) if is_bool and tensor.dtype != torch.bool else tensor
-
-
 class ONNXRuntimeGraph:
     """One exported FX graph in an InferenceSession, called as AOTAutograd calls the graph it replaces.
 
@@ -263,24 +253,12 @@ class ONNXRuntimeGraph:
             for shape, keep in self.dropout_masks
         ]
 
-    def _bind_inputs(self, binding, inputs: list):
-        for name, value in zip(self.input_names, inputs):
-            binding.bind_input(
-                name,
-                value.device.type,
-                value.device.index or 0,
-                NUMPY_TYPES[value.dtype],
-                tuple(value.shape),
-                value.data_ptr(),
-            )
-
     def _run(self, inputs: list) -> list:
         binding = self.session.io_binding()
-        self._bind_inputs(binding, inputs)
-        for name in self.output_names:
-            binding.bind_output(name, self.device.type, self.device.index or 0)  # ONNX Runtime allocates each
+        iobinding.bind_inputs(binding, self.input_names, inputs)
+        iobinding.bind_outputs(binding, self.output_names, self.device)  # ONNX Runtime allocates each
         self._run_binding(binding)
-        return list(map(_to_torch, binding.get_outputs(), self.bool_outputs))
+        return iobinding.outputs(binding, self.bool_outputs)
 
     def _run_replayed(self, inputs: list) -> list:
         if self._replay is None:
@@ -326,7 +304,7 @@ class ONNXRuntimeGraph:
         if self.saved_activations is not None and not self.backward:
             self.saved_activations.buffers = output_buffers
         binding = self.session.io_binding()
-        self._bind_inputs(binding, input_buffers)
+        iobinding.bind_inputs(binding, self.input_names, input_buffers)
         for name, buffer in zip(self.output_names, output_buffers):
             binding.bind_output(
                 name,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
 
-from ort_trainer import ORTTrainer, ORTTrainingArguments, compile_backend, transformers_compat
+from ort_trainer import ORTTrainer, ORTTrainingArguments, compile_backend, iobinding, transformers_compat
 from ort_trainer.ortmodule import ORTTrainingError
 
 from .tiny_models import tiny_dataset, tiny_model
@@ -41,7 +41,16 @@ def compile_args(tmp_path, **overrides):
     return ORTTrainingArguments(**values)
 
 
-def test_torch_compile_with_the_registered_backend_name_matches_eager():
+@pytest.mark.parametrize("binding", ["c", "public"])
+def test_torch_compile_with_the_registered_backend_name_matches_eager(binding, monkeypatch):
+    """Through I/O binding's C object (every supported onnxruntime build has it), or its public API where a build
+    lacks it."""
+    answers, has_c_binding = [], iobinding._has_c_binding
+    monkeypatch.setattr(
+        iobinding,
+        "_has_c_binding",
+        lambda value: answers.append(binding == "c" and has_c_binding(value)) or answers[-1],
+    )
     data = tiny_dataset("bert")
     batch = {key: torch.stack([row[key] for row in data[:8]]) for key in data[0]}
     eager, compiled_model = tiny_model("bert"), tiny_model("bert")
@@ -51,6 +60,7 @@ def test_torch_compile_with_the_registered_backend_name_matches_eager():
     loss = compiled(**batch).loss
     loss.backward()
     assert compile_backend.stats.session_runs - runs == 2  # forward and backward, both in ONNX Runtime
+    assert answers and set(answers) == {binding == "c"}
     assert loss.item() == pytest.approx(eager(**batch).loss.item(), abs=1e-6)
     for (name, parameter), reference in zip(compiled_model.named_parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(parameter.grad, reference.grad, atol=1e-6, rtol=0, msg=name)

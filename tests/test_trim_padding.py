@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForTokenClassification
+from transformers import AutoModelForTokenClassification, Trainer
 
 from ort_trainer import ORTTrainer
 
@@ -63,3 +63,31 @@ def test_the_old_option_name_still_works_and_says_it_is_deprecated(cpu_args):
     ):
         args = cpu_args(ort_trim_padding=False)
     assert args.trim_padding is False and args.ort_trim_padding is None
+
+
+def test_flops_are_the_trainers_with_the_parameters_counted_once_per_batch_shape(cpu_args, monkeypatch):
+    model = tiny_model("bert")
+    counted, shapes = [], []
+    num_parameters, floating_point_ops = type(model).num_parameters, ORTTrainer.floating_point_ops
+    monkeypatch.setattr(type(model), "num_parameters", lambda *a, **k: counted.append(1) or num_parameters(*a, **k))
+    monkeypatch.setattr(
+        ORTTrainer,
+        "floating_point_ops",
+        lambda self, inputs: shapes.append(inputs["input_ids"].shape) or floating_point_ops(self, inputs),
+    )
+
+    def pad_to_longest(rows):
+        width = max(int(row["attention_mask"].sum()) for row in rows)
+        return {
+            name: torch.stack([row[name][:width] if row[name].dim() else row[name] for row in rows])
+            for name in rows[0]
+        }
+
+    args = cpu_args("flops", use_ort=False, max_steps=8, per_device_train_batch_size=2)
+    trainer = ORTTrainer(model=model, args=args, train_dataset=padded_rows(16), data_collator=pad_to_longest)
+    trainer.train()
+
+    assert len(shapes) == 8 and 1 < len(set(shapes)) < 8  # batches of a few widths
+    assert len(counted) == len(set(shapes))
+    trainers_count = sum(Trainer.floating_point_ops(trainer, {"input_ids": torch.zeros(shape)}) for shape in shapes)
+    assert trainer.state.total_flos == trainers_count > 0
