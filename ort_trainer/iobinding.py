@@ -43,11 +43,10 @@ def bind_outputs(binding, names: list, device: torch.device) -> None:
 def outputs(binding, is_bool: list) -> list:
     """The run's outputs as tensors that own their memory, without a copy. Older builds hand bool tensors over as
     uint8: `is_bool` says which outputs to view as bool."""
-    values = binding._iobinding.get_outputs() if _has_c_binding(binding) else binding.get_outputs()
-    if hasattr(values, "to_dlpacks"):
-        tensors = values.to_dlpacks(torch.utils.dlpack.from_dlpack)
+    if _has_c_binding(binding):
+        tensors = binding._iobinding.get_outputs().to_dlpacks(torch.utils.dlpack.from_dlpack)
     else:
-        tensors = [torch.utils.dlpack.from_dlpack(value._ortvalue.to_dlpack()) for value in values]
+        tensors = [torch.utils.dlpack.from_dlpack(value._ortvalue.to_dlpack()) for value in binding.get_outputs()]
     return [
         tensor.view(torch.bool) if wanted and tensor.dtype != torch.bool else tensor
         for tensor, wanted in zip(tensors, is_bool, strict=True)
@@ -55,9 +54,15 @@ def outputs(binding, is_bool: list) -> list:
 
 
 def _has_c_binding(binding) -> bool:
-    import onnxruntime
+    return hasattr(binding, "_iobinding") and _has_c_api()
 
-    return hasattr(binding, "_iobinding") and hasattr(onnxruntime.OrtDevice, "_get_c_device")
+
+@functools.cache
+def _has_c_api() -> bool:
+    from onnxruntime import OrtDevice
+    from onnxruntime.capi._pybind_state import OrtValueVector
+
+    return hasattr(OrtDevice, "_get_c_device") and hasattr(OrtValueVector, "to_dlpacks")
 
 
 @functools.cache
