@@ -1,15 +1,16 @@
 """`ORTTrainer` and `Seq2SeqORTTrainer`: the `transformers` trainers, training in ONNX Runtime through ORTModule
 or through the compile backend (`compile_backend.py`), as `--ort_backend` chooses.
 
-Only hooks are overridden, each around a `super()` call (checked on transformers 5.20 to 5.24):
+Only hooks are overridden, each around a `super()` call (checked on transformers 5.20 to 5.25):
 - `_wrap_model` puts the model in an ORTModule, or compiles it with the compile backend, for training and lets
   accelerate wrap that (DDP outside ORT);
 - `get_optimizer_cls_and_kwargs` adds ORT's FusedAdam;
 - `compute_loss` runs the loss inside the ORT graph with `--use_module_with_loss`;
-- `training_step` refuses bad batches as data errors, adds the attention mask a model takes by default, drops
-  all-padding columns with `--trim_padding` whatever the backend (and for the compile backend pads lengths up to a
-  few buckets, one graph each), and on the first step reports which backend really ran (or why ORT could not, then
-  fails or falls back to PyTorch);
+- `get_train_dataloader`, `get_eval_dataloader` and `get_test_dataloader` have the collator refuse bad batches as
+  data errors and drop all-padding columns with `--trim_padding` whatever the backend, on the host (`collation.py`);
+- `training_step` adds the attention mask a model takes by default (and for the compile backend pads lengths up to
+  a few buckets, one graph each), and on the first step reports which backend really ran (or why ORT could not,
+  then fails or falls back to PyTorch);
 - `train` and `_save` switch the model to what ORT can differentiate for training and back; `train` adds the
   first step's time (ORT's export and graph build) to its metrics as `train_first_step_seconds`;
 - `evaluation_loop` loads `--inference_with_ort`'s sessions (`inference/`), and `prediction_step` runs the
@@ -32,6 +33,7 @@ import torch
 from transformers import PreTrainedModel, Seq2SeqTrainer, Trainer, TrainingArguments
 
 from . import inference, ortmodule, transformers_compat
+from .collation import CheckingCollator, TrainingDataError, batch_limits, check_batch
 from .import_utils import onnxruntime_providers
 from .padding import trim_padding
 from .token_counts import TokenCountingMixin
@@ -154,39 +156,6 @@ def _new_arguments(user_class: type, args_class: type):
 DEVICE_ERRORS = (torch.AcceleratorError,) if hasattr(torch, "AcceleratorError") else ()
 
 
-class TrainingDataError(ValueError):
-    """A training batch that no backend can train on: the data, not ONNX Runtime, needs fixing."""
-
-
-_CLASSIFIER_HEADS = ("ForSequenceClassification", "ForTokenClassification")
-
-
-def _check_batch(model: torch.nn.Module, inputs: dict) -> None:
-    """Refuse token ids beyond the vocabulary and class labels out of range before ORT runs the batch: its
-    kernels report them as ORT failures, or not at all."""
-    if not isinstance(model, PreTrainedModel):
-        return
-    ids, vocabulary = inputs.get("input_ids"), model.get_input_embeddings().num_embeddings
-    if torch.is_tensor(ids) and ids.numel() and not (0 <= ids.min() and ids.max() < vocabulary):
-        bad = int(ids[(ids < 0) | (ids >= vocabulary)][0])
-        raise TrainingDataError(
-            f"A training batch has token id {bad}, outside the model's vocabulary of {vocabulary} ids. To fix: "
-            "tokenize with the model's tokenizer, or resize its embeddings (`model.resize_token_embeddings`)."
-        )
-    labels, num_labels = inputs.get("labels"), model.config.num_labels
-    if not (torch.is_tensor(labels) and type(model).__name__.endswith(_CLASSIFIER_HEADS)) or num_labels == 1:
-        return
-    if labels.is_floating_point():
-        return  # multi-label targets; single-label float targets fail in PyTorch as well, reported then
-    known = ((labels >= 0) & (labels < num_labels)) | (labels == -100)
-    if not known.all():
-        raise TrainingDataError(
-            f"A training batch has label {int(labels[~known][0])}, but the model has {num_labels} classes "
-            f"(labels 0 to {num_labels - 1}). To fix: map the labels to 0 to {num_labels - 1}, or give the model "
-            "as many labels as the data has (`num_labels`)."
-        )
-
-
 # What `evaluation_loop` reports besides the loss and `compute_metrics`' metrics.
 _LOOP_TIMINGS = ("model_preparation_time",)
 
@@ -239,6 +208,8 @@ class ORTTrainer(TokenCountingMixin, Trainer):
         self._inference_model, self._inference_weights = None, None  # `--inference_with_ort`'s, for these weights
         self._running_in = None  # the sessions the model computes in, inside an evaluation loop
         self._flops_by_shape = {}  # `floating_point_ops` of a batch, by the shape of its main input
+        # Whether the batches come from the data loaders of `get_*_dataloader`, checked and trimmed by their collator.
+        self._train_batches_prepared = self._eval_batches_prepared = False
 
     def train(self, *args, **kwargs):
         self._backend_reported, self._pytorch_fallback, self._first_step_seconds = False, None, None
@@ -282,6 +253,37 @@ class ORTTrainer(TokenCountingMixin, Trainer):
         if shape not in self._flops_by_shape:
             self._flops_by_shape[shape] = super().floating_point_ops(inputs)
         return self._flops_by_shape[shape]
+
+    def get_train_dataloader(self):
+        self._train_batches_prepared = True
+        with self._collating_on_host(check=self.args.use_ort):
+            return super().get_train_dataloader()
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        self._eval_batches_prepared = True
+        with self._collating_on_host():
+            return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        self._eval_batches_prepared = True
+        with self._collating_on_host():
+            return super().get_test_dataloader(test_dataset)
+
+    @contextlib.contextmanager
+    def _collating_on_host(self, check: bool = False):
+        """While the Trainer builds a data loader, a collator that also checks (`check`) and trims (`--trim_padding`)
+        each batch it makes, on the host, before the batch moves to the device (`collation.py`)."""
+        collator, trim = self.data_collator, self._can_trim_padding()
+        self.data_collator = CheckingCollator(
+            collator,
+            limits=batch_limits(self.model) if check else None,
+            trim=trim,
+            trim_labels=trim and not self.model.config.is_encoder_decoder,
+        )
+        try:
+            yield
+        finally:
+            self.data_collator = collator
 
     def _graph_limits(self):
         if self._backend != "compile":
@@ -354,7 +356,8 @@ class ORTTrainer(TokenCountingMixin, Trainer):
             model = self._pytorch_fallback  # the training loop still holds the ORTModule it was given
         elif self.args.use_ort:
             inputs = self._ort_training_inputs(inputs)
-        inputs = self._trimmed(inputs)
+        if not self._train_batches_prepared:
+            inputs = self._trimmed(inputs)
         if (
             self.args.use_ort
             and self._backend == "compile"
@@ -386,10 +389,13 @@ class ORTTrainer(TokenCountingMixin, Trainer):
         return loss
 
     def _ort_training_inputs(self, inputs: dict) -> dict:
-        """The batch ORT trains on: checked first, the model's problem type settled before a compiled forward sees
-        it change; with an all-ones attention mask where a transformers model takes one and the batch has none (the
-        model's own default, but built by mask code ORT cannot export, such as GPT-2's `aten::diff`)."""
-        _check_batch(self.model, inputs)
+        """The batch ORT trains on: checked first (unless its collator checked it), the model's problem type settled
+        before a compiled forward sees it change; with an all-ones attention mask where a transformers model takes
+        one and the batch has none (the model's own default, but built by mask code ORT cannot export, such as
+        GPT-2's `aten::diff`)."""
+        limits = batch_limits(self.model)
+        if limits is not None and not self._train_batches_prepared:
+            check_batch(inputs, limits)
         transformers_compat.settle_problem_type(self.model, inputs.get("labels"))
         ids = inputs.get("input_ids")
         if self._takes_attention_mask() and torch.is_tensor(ids) and inputs.get("attention_mask") is None:
@@ -591,7 +597,8 @@ class ORTTrainer(TokenCountingMixin, Trainer):
         return self._trimmed(model_inputs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
-        inputs = self._trimmed(inputs)
+        if not self._eval_batches_prepared:
+            inputs = self._trimmed(inputs)
         if self._running_in is None:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys, **gen_kwargs)
         # The Trainer computes losses, label smoothing, `compute_loss_func` and generation as always; the model's

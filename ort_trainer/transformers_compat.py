@@ -26,7 +26,7 @@ from transformers.trainer_utils import get_last_checkpoint as get_last_checkpoin
 
 logger = logging.getLogger(__name__)
 
-TESTED_TRANSFORMERS = ">=5.20,<5.25"
+TESTED_TRANSFORMERS = ">=5.20,<5.26"
 
 
 def untested_version_warning(version: str) -> str | None:
@@ -48,7 +48,7 @@ def warn_if_untested() -> None:
         logger.warning(message)
 
 
-# Attention implementation (checked on 5.20-5.24): `config._attn_implementation` holds the name the model runs,
+# Attention implementation (checked on 5.20-5.25): `config._attn_implementation` holds the name the model runs,
 # `set_attn_implementation` switches it (and may replace sub-configs).
 def attention_implementation(model: torch.nn.Module) -> str:
     return model.config._attn_implementation
@@ -69,12 +69,12 @@ def attention(model: torch.nn.Module, implementation: str):
 
 def register_attention(name: str, attention_function, mask_function) -> None:
     """Make `name` an attention implementation: `attention_function` computes it from the mask `mask_function`
-    builds (the signatures of `eager_attention_forward` and `masking_utils.sdpa_mask`, 5.20-5.24)."""
+    builds (the signatures of `eager_attention_forward` and `masking_utils.sdpa_mask`, 5.20-5.25)."""
     AttentionInterface.register(name, attention_function)
     AttentionMaskInterface.register(name, mask_function)
 
 
-# The loss each head's forward computes from its logits (5.20-5.24): classifiers and causal LMs call these functions
+# The loss each head's forward computes from its logits (5.20-5.25): classifiers and causal LMs call these functions
 # of transformers.loss.loss_utils; T5, BART and Marian compute cross-entropy over every target token themselves.
 def head_loss(head: str, logits: torch.Tensor, labels: torch.Tensor, config) -> torch.Tensor:
     if head == "ForTokenClassification":
@@ -87,7 +87,7 @@ def head_loss(head: str, logits: torch.Tensor, labels: torch.Tensor, config) -> 
 
 
 def settle_problem_type(model: torch.nn.Module, labels) -> None:
-    """Sequence classifiers choose `config.problem_type` from the first labels they see (5.20-5.24: the rule of
+    """Sequence classifiers choose `config.problem_type` from the first labels they see (5.20-5.25: the rule of
     `ForSequenceClassificationLoss`, which their forwards repeat inline). Choosing it the same way before a compiled
     forward first runs keeps dynamo from tracing the model again when the attribute changes after that run."""
     config = getattr(model, "config", None)
@@ -124,7 +124,7 @@ def given_cache(kwargs: dict):
 class FilledLayer(DynamicLayer):
     """A cache layer that starts with the given keys and values, held as they are: a `DynamicLayer` fills itself by
     concatenating onto an empty tensor, which an exported graph would keep as a copy of each at every step.
-    (Layer fields `keys`, `values`, `is_initialized`, `dtype`, `device`: 5.20-5.24.)"""
+    (Layer fields `keys`, `values`, `is_initialized`, `dtype`, `device`: 5.20-5.25.)"""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor):
         super().__init__()
@@ -159,7 +159,7 @@ def encoder_decoder_cache(self_attention: Cache, cross_attention: Cache) -> Enco
 
 class SessionCache(EncoderDecoderCache):
     """The decoder sessions' keys and values, for `generate` to carry between steps (each update replaces a layer's
-    keys and values). Beam search reorders the cache through `reorder_cache` (5.20-5.24) only among the beams of one
+    keys and values). Beam search reorders the cache through `reorder_cache` (5.20-5.25) only among the beams of one
     sentence, whose cross-attention keys and values are equal copies of one encoder output: only the self-attention
     part needs reordering."""
 

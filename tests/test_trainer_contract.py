@@ -137,6 +137,35 @@ def test_bad_training_data_is_a_data_error_not_an_ort_failure(corrupt, message, 
     assert "Training continues in PyTorch" not in caplog.text  # no fallback: PyTorch could not train it either
 
 
+def test_bad_data_found_in_a_data_loader_worker_is_the_same_one_line_error(cpu_args):
+    args = cpu_args(max_steps=2, dataloader_num_workers=1)
+    trainer = ORTTrainer(
+        model=tiny_model("bert"), args=args, train_dataset=ids_beyond_vocabulary(tiny_dataset("bert"))
+    )
+    with pytest.raises(TrainingDataError) as raised:
+        trainer.train()
+    assert str(raised.value) == (
+        f"A training batch has token id {VOCAB + 4}, outside the model's vocabulary of {VOCAB} ids. To fix: tokenize "
+        "with the model's tokenizer, or resize its embeddings (`model.resize_token_embeddings`)."
+    )
+    assert trainer.state.global_step == 0
+
+
+class OwnLoaderTrainer(ORTTrainer):
+    """Builds its training loader itself, so that its batches reach the training step unchecked."""
+
+    def get_train_dataloader(self):
+        return torch.utils.data.DataLoader(self.train_dataset, batch_size=8, collate_fn=self.data_collator)
+
+
+def test_batches_of_a_loader_the_trainer_did_not_build_are_checked_in_the_training_step(cpu_args):
+    trainer = OwnLoaderTrainer(
+        model=tiny_model("bert"), args=cpu_args(max_steps=2), train_dataset=bad_labels(tiny_dataset("bert"))
+    )
+    with pytest.raises(TrainingDataError, match="^A training batch has label 5, but the model has 2 classes"):
+        trainer.train()
+
+
 class DiffClassifier(torch.nn.Module):
     """Uses `torch.diff`, which the TorchScript exporter cannot export (as transformers' mask code for GPT-2)."""
 

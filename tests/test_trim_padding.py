@@ -57,6 +57,26 @@ def test_trimming_in_pytorch_computes_fewer_tokens_to_the_same_results(head, cpu
     np.testing.assert_allclose(trimmed.predictions[keep], full_predictions[keep], atol=1e-5, rtol=0)
 
 
+def test_the_collator_trims_on_the_host_so_the_steps_read_no_device_batch(cpu_args, monkeypatch):
+    """Trimming reads the attention mask: on a batch already on the GPU that waits for every kernel queued. The
+    Trainer's loaders trim as they collate, so training and prediction steps get batches trimmed already."""
+    rows = [row for row in padded_rows(96) if row["attention_mask"].sum() <= 12][:32]  # padding in every batch
+    trainer = ORTTrainer(model=tiny_model("bert"), args=cpu_args(use_ort=False, max_steps=4), train_dataset=rows)
+    monkeypatch.setattr("ort_trainer.trainer.trim_padding", lambda *a, **k: pytest.fail("trimmed in a step"))
+    seen = []
+    compute_loss = trainer.compute_loss
+    monkeypatch.setattr(
+        trainer, "compute_loss", lambda model, inputs, **k: seen.append(inputs) or compute_loss(model, inputs, **k)
+    )
+
+    trainer.train()
+    trainer.predict(rows[:16])
+
+    assert len(seen) == 4 + 2
+    for batch in seen:  # as wide as its longest row, not the 16 columns of the data
+        assert batch["input_ids"].shape[1] == int(batch["attention_mask"].sum(1).max()) <= 12
+
+
 def test_the_old_option_name_still_works_and_says_it_is_deprecated(cpu_args):
     with pytest.warns(
         FutureWarning, match="`--ort_trim_padding` is deprecated and will be removed: use `--trim_padding`"
