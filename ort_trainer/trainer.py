@@ -393,8 +393,7 @@ class ORTTrainer(TokenCountingMixin, Trainer):
         before a compiled forward sees it change; with an all-ones attention mask where a transformers model takes
         one and the batch has none (the model's own default, but built by mask code ORT cannot export, such as
         GPT-2's `aten::diff`)."""
-        limits = batch_limits(self.model)
-        if limits is not None and not self._train_batches_prepared:
+        if not self._train_batches_prepared and (limits := batch_limits(self.model)) is not None:
             check_batch(inputs, limits)
         transformers_compat.settle_problem_type(self.model, inputs.get("labels"))
         ids = inputs.get("input_ids")
