@@ -267,21 +267,17 @@ class ONNXRuntimeGraph:
         saved = self.saved_activations
         held = [index is not None and saved.holds(index, value) for index, value in zip(saved_indices, inputs)]
         stale = [not was_held for was_held in held]
-        rewritten = [index for index, was_held in zip(saved_indices, held) if index is not None and not was_held]
-        if rewritten:  # into the forward's buffers, which may hold the only values of what it returned last
-            saved.fill_empty_outputs()
         _copy_all(list(itertools.compress(input_buffers, stale)), list(itertools.compress(inputs, stale)))
-        for index, value in zip(saved_indices, inputs):
-            if index in rewritten:
+        for index, value, was_held in zip(saved_indices, inputs, held):
+            if index is not None and not was_held:
                 saved.record(index, value)
-        if saved is None or self.backward:
-            self._run_binding(binding)
-            outputs = [torch.empty_like(buffer) for buffer in output_buffers]
-            _copy_all(outputs, output_buffers)
-            return outputs
-        saved.fill_empty_outputs()  # what autograd still holds of the last replay, before this one overwrites it
         self._run_binding(binding)
-        return saved.outputs(output_buffers)
+        outputs = [torch.empty_like(buffer) for buffer in output_buffers]
+        _copy_all(outputs, output_buffers)
+        if saved is not None and not self.backward:
+            for index, output in enumerate(outputs):
+                saved.record(index, output)
+        return outputs
 
     def _run_binding(self, binding):
         if self.device.type == "cuda":
@@ -334,14 +330,10 @@ def _copy_all(destinations: list, sources: list) -> None:
 
 
 class SavedActivations:
-    """The output buffers of one forward graph replayed as a CUDA graph, and the tensor each holds, for its backward
-    graph: each activation the forward saved is bound there, and not copied in while its buffer still holds that
-    very tensor, unchanged (same address, shape, strides and version, as autograd checks of saved tensors).
-
-    Nor is it copied out: from the first backward on, the forward returns an empty tensor for each buffer the
-    backward reads, and fills it from the buffer only if it is still alive when another forward replay is about to
-    overwrite the buffers (two forwards before their backwards). Saved-tensor hooks, which may read or move what
-    autograd saves, get copies.
+    """The output buffers of one forward graph replayed as a CUDA graph, and the tensor each holds a copy of, for
+    its backward graph: each activation the forward saved is bound there, and not copied in while its buffer still
+    holds that very tensor, unchanged (same address, shape, strides and version, as autograd checks of saved
+    tensors). Another forward replay before this backward overwrites the buffers; the copy is made then.
 
     Only saved activations are read so, each from one buffer: autograd alone holds them. Any other input is copied
     in at each replay, since tensors a user holds change in place without a version bump (weights under a fused
@@ -349,9 +341,7 @@ class SavedActivations:
 
     def __init__(self):
         self.buffers = []
-        self.read_in_place = set()  # indices of the buffers the backward reads
         self._contents = {}  # buffer index: (weak reference to the tensor, its identity when copied)
-        self._empty_outputs = {}  # buffer index: (weak reference to the empty tensor returned, to its storage)
 
     def record(self, index: int, value: torch.Tensor) -> None:
         self._contents[index] = (weakref.ref(value), _identity(value))
@@ -369,47 +359,7 @@ class SavedActivations:
             if index is not None:
                 taken.add(index)
             indices.append(index)
-        self.read_in_place = taken
         return indices
-
-    def outputs(self, buffers: list) -> list:
-        """The forward's outputs after a replay into `buffers`: a copy of each, or an empty tensor for each the
-        backward reads in place."""
-        from torch.multiprocessing.reductions import StorageWeakRef
-
-        empty = set() if _saved_tensor_hooks_active() else self.read_in_place
-        outputs = [torch.empty_like(buffer) for buffer in buffers]
-        copied = [index not in empty for index in range(len(buffers))]
-        _copy_all(list(itertools.compress(outputs, copied)), list(itertools.compress(buffers, copied)))
-        self._empty_outputs = {
-            index: (weakref.ref(outputs[index]), StorageWeakRef(outputs[index].untyped_storage())) for index in empty
-        }
-        for index, output in enumerate(outputs):
-            self.record(index, output)
-        return outputs
-
-    def fill_empty_outputs(self) -> None:
-        """Fill each empty tensor returned for a buffer with the buffer's values, where the tensor is still alive,
-        and forget that the buffer holds it. `.data` keeps the copy from bumping the version autograd checks."""
-        alive = {}
-        for index, (reference, storage) in self._empty_outputs.items():
-            if (value := reference()) is not None:
-                alive[index] = value
-            elif not storage.expired():
-                raise RuntimeError(
-                    "A saved activation of the compile backend outlived the tensor returned for it (its memory is "
-                    "held elsewhere), so the CUDA graph's buffer cannot fill it. To fix: train without "
-                    "`--ort_cuda_graphs`."
-                )
-        _copy_all([value.data for value in alive.values()], [self.buffers[index] for index in alive])
-        for index in alive:
-            self._contents.pop(index)
-        self._empty_outputs = {}
-
-
-def _saved_tensor_hooks_active() -> bool:
-    """Whether `torch.autograd.graph.saved_tensors_hooks` (such as `save_on_cpu`) may read what autograd saves."""
-    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 
 def _identity(value: torch.Tensor) -> tuple | None:
