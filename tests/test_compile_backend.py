@@ -424,9 +424,11 @@ def bound_once_on_cpu(monkeypatch):
     return graphs
 
 
-def test_backward_reads_what_the_forward_saved_from_the_forwards_buffers(bound_once_on_cpu):
+@pytest.mark.parametrize("order", ["backwards in reverse", "backwards in order"])
+def test_backward_reads_what_the_forward_saved_from_the_forwards_buffers(bound_once_on_cpu, order):
     """Under CUDA graphs the backward reads the activations the forward saved from the forward's own buffers, with
-    no copy; where a second forward overwrote them before the first backward, the saved copies are copied back."""
+    no copy; where a second forward overwrote them before the first backward, or the other backward copied its own
+    back, the saved copies are copied back."""
     data = tiny_dataset("bert")
     batches = [{key: torch.stack([row[key] for row in rows]) for key in data[0]} for rows in (data[:8], data[8:16])]
     eager, model = tiny_model("bert"), tiny_model("bert")
@@ -452,7 +454,8 @@ def test_backward_reads_what_the_forward_saved_from_the_forwards_buffers(bound_o
     assert len({id(buffer) for buffer in backward_inputs}) == len(backward_inputs)  # each buffer bound once
 
     losses = [compiled(**batch).loss for batch in batches]  # the second forward overwrites the first one's buffers
-    for loss, batch in reversed(list(zip(losses, batches, strict=True))):
+    pairs = list(zip(losses, batches, strict=True))
+    for loss, batch in reversed(pairs) if order == "backwards in reverse" else pairs:
         check_gradients(loss, batch)
 
 
