@@ -278,7 +278,7 @@ class ORTTrainer(TokenCountingMixin, Trainer):
             collator,
             limits=batch_limits(self.model) if check else None,
             trim=trim,
-            trim_labels=trim and not self.model.config.is_encoder_decoder,
+            trim_labels=trim and self._labels_follow_inputs(),
         )
         try:
             yield
@@ -432,7 +432,7 @@ class ORTTrainer(TokenCountingMixin, Trainer):
             COMPILE_LENGTH_MULTIPLE,
             config.pad_token_id or 0,
             max_length,
-            labels_too=not config.is_encoder_decoder,
+            labels_too=self._labels_follow_inputs(),
         )
         labels = inputs.get("labels")
         if config.is_encoder_decoder and "decoder_input_ids" not in inputs and torch.is_tensor(labels):
@@ -577,11 +577,15 @@ class ORTTrainer(TokenCountingMixin, Trainer):
         return self.args.trim_padding and self._takes_attention_mask()
 
     def _trimmed(self, inputs: dict) -> dict:
-        """The batch without its all-padding columns, with `--trim_padding`, whatever the backend. Encoder-decoder
-        labels are target tokens, not aligned with the input: never trimmed."""
+        """The batch without its all-padding columns, with `--trim_padding`, whatever the backend."""
         if not self._can_trim_padding():
             return inputs
-        return trim_padding(inputs, labels_too=not self.model.config.is_encoder_decoder)
+        return trim_padding(inputs, labels_too=self._labels_follow_inputs())
+
+    def _labels_follow_inputs(self) -> bool:
+        """Whether the labels are aligned with the input tokens, so that they are trimmed and padded with them.
+        Encoder-decoder labels are target tokens: never."""
+        return not self.model.config.is_encoder_decoder
 
     def _forward_parameters(self) -> list:
         return list(inspect.signature(self.model.forward).parameters)
