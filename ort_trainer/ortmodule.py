@@ -33,6 +33,14 @@ from .import_utils import ORT_TRAINING_INSTALL_HINT, is_onnxruntime_training_ava
 
 logger = logging.getLogger(__name__)
 
+# As onnxruntime is first imported, onnxruntime-training checks ORTModule and keeps the error it meets (its
+# extensions are built later, by `load_ortmodule`) with the error's traceback, whose frames reach every frame
+# running at that moment. Imported inside `ORTTrainer.train` or a script's `main()`, that would keep the trainer,
+# its model and its process group alive until the interpreter exits, where gloo's worker threads, releasing the
+# last tensors of a collective, can abort the process. Imported here, it keeps only the frames importing ort_trainer.
+if is_onnxruntime_training_available():
+    import onnxruntime  # noqa: F401
+
 _ORT_EXTENSIONS = "onnxruntime.training.ortmodule.torch_cpp_extensions"
 
 # Old import name -> where torch keeps it now (the TorchScript exporter moved in torch 2.9).

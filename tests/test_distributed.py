@@ -152,6 +152,41 @@ def test_two_ranks_match_one_process_with_the_compile_backend(tmp_path):
     assert result(tmp_path / "again")["graphs_exported"] == 0 and result(tmp_path / "again")["graphs"] > 0
 
 
+TRAIN_AND_DROP = """
+import gc, sys, weakref
+sys.path.insert(0, sys.argv[1])
+from tiny_models import tiny_dataset, tiny_model
+from ort_trainer import ORTTrainer, ORTTrainingArguments, compile_backend
+
+def train(output_dir):
+    args = ORTTrainingArguments(
+        output_dir, ort_backend="compile", ort_fallback="error", use_cpu=True, max_steps=1, report_to=[]
+    )
+    trainer = ORTTrainer(model=tiny_model("bert"), args=args, train_dataset=tiny_dataset("bert", size=8))
+    trainer.train()
+    return weakref.ref(trainer)
+
+trainer = train(sys.argv[2])
+gc.collect()
+print(compile_backend.stats.session_runs > 0, trainer() is None)
+"""
+
+
+def test_a_trainer_is_freed_once_the_script_drops_it(tmp_path):
+    """Else its model and process group live until the interpreter exits, where gloo's worker threads can abort the
+    process. A new process, as onnxruntime's first import there is what kept frames (see `ortmodule.py`)."""
+    environment = {**os.environ, "ORT_TRAINER_CACHE": str(tmp_path / "cache")}
+    run = subprocess.run(
+        [sys.executable, "-c", TRAIN_AND_DROP, str(SCRIPT.parent), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=environment,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    ran_in_onnxruntime, freed = run.stdout.split()[-2:]
+    assert (ran_in_onnxruntime, freed) == ("True", "True")
+
+
 @pytest.mark.parametrize("task", ["text-classification", "token-classification", "translation"])
 def test_example_scripts_run_unchanged_under_torchrun(task, tmp_path):
     root = SCRIPT.parents[1] / "examples" / task
