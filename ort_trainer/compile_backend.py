@@ -510,6 +510,68 @@ def _gelu_backward_in_fp16(grad, x, approximate="none"):
     return (grad * 0.5) * (torch.erf(u) + 1 + (u * gaussian) * (2 / math.sqrt(math.pi)))
 
 
+def _softmax_backward_in_fp16(grad_output, output, dim, input_dtype):
+    """Softmax's gradient on fp16 tensors (attention's, see `_attention_in_input_precision`) in fp16, as
+    `output * (grad - sum(grad * output))`, the form of the fused attention kernels' backward. PyTorch's
+    decomposition casts both to fp32 and back: 7 ONNX Runtime kernels over fp32 copies of every attention score
+    where these 4 move a third of the bytes (ONNX Runtime's fp16 sums accumulate in fp32)."""
+    from torch._decomp import decomposition_table
+
+    if not grad_output.dtype == output.dtype == input_dtype == torch.float16:
+        return decomposition_table[torch.ops.aten._softmax_backward_data.default](
+            grad_output, output, dim, input_dtype
+        )
+    return output * (grad_output - (grad_output * output).sum(dim, keepdim=True))
+
+
+def _attention_in_input_precision(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+):
+    """`scaled_dot_product_attention` as its math in the precision of its inputs. The fused attention kernels'
+    backward has no ONNX translation, and PyTorch's own math form computes fp16 attention in fp32: fp32 matrix
+    products and fp32 copies of every score, each a kernel of its own in ONNX Runtime. Here the products and the
+    softmax run in the inputs' dtype (under autocast its fp16, like the fused kernels; ONNX Runtime's fp16 softmax
+    accumulates in fp32). As in PyTorch's math, a row whose keys are all masked gives zeros. Float masks are
+    clamped to half the dtype's lowest value, which still zeroes their weights and leaves room to add a score
+    without overflowing to -inf. Grouped-query attention keeps PyTorch's math form."""
+    if enable_gqa:
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa=True
+        )
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):  # autocast runs attention in its lower precision
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    if is_causal:
+        attn_mask = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
+    scale = 1 / math.sqrt(query.shape[-1]) if scale is None else scale
+    with torch.autocast(device_type, enabled=False):  # which would compute the softmax in fp32
+        scores = (query * scale) @ key.transpose(-2, -1)
+        lowest = torch.finfo(scores.dtype).min
+        if attn_mask is None:
+            attends = None
+        elif attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, lowest)
+            attends = attn_mask.any(-1, keepdim=True)
+        else:
+            scores = scores + attn_mask.to(scores.dtype).clamp(min=lowest / 2)
+            attends = (attn_mask != -math.inf).any(-1, keepdim=True)
+        weights = torch.softmax(scores, dim=-1)
+        if dropout_p > 0:
+            weights = torch.nn.functional.dropout(weights, dropout_p)
+        output = weights @ value
+    return output if attends is None else output.masked_fill(~attends, 0)
+
+
+def _attention_in_input_precision_everywhere(gm: torch.fx.GraphModule) -> None:
+    """Each `scaled_dot_product_attention` that dynamo captured in `gm`, rewritten in place to run
+    `_attention_in_input_precision`."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.nn.functional.scaled_dot_product_attention:
+            node.target = _attention_in_input_precision
+    gm.recompile()
+
+
 def _addmm_as_matmul_and_add(bias, mat1, mat2, beta=1, alpha=1):
     """A linear layer as `MatMul` then `Add` rather than ONNX `Gemm`, whose CUDA kernel first fills the output with
     the bias, row by row, in a broadcast kernel far slower than the element-wise `Add`. On CUDA the sessions keep
@@ -554,6 +616,7 @@ def _aot_autograd_backend(gm: torch.fx.GraphModule, example_inputs, cuda_graphs:
         **core_aten_decompositions(),
         torch.ops.aten.copy.default: _copy_with_broadcast,
         torch.ops.aten.gelu_backward.default: _gelu_backward_in_fp16,
+        torch.ops.aten._softmax_backward_data.default: _softmax_backward_in_fp16,
         torch.ops.aten.addmm.default: _addmm_as_matmul_and_add,
         torch.ops.aten.embedding_dense_backward.default: _embedding_backward_on_cuda,
     }
@@ -575,6 +638,7 @@ def onnxruntime_backend(gm: torch.fx.GraphModule, example_inputs, options: dict 
         raise ValueError(
             f"The `{BACKEND_NAME}` backend takes the option `cuda_graphs`, not {', '.join(sorted(options))}."
         )
+    _attention_in_input_precision_everywhere(gm)
     with sdpa_kernel([SDPBackend.MATH]):
         return _aot_autograd_backend(gm, example_inputs, cuda_graphs)
 

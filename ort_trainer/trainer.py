@@ -78,13 +78,17 @@ def _use_cache(configs: list, values: list):
 
 
 @contextlib.contextmanager
-def _prepared_for_ort_training(model: torch.nn.Module):
-    """Eager attention (ORT cannot differentiate SDPA with dropout) and no KV cache (ORT cannot return cache
-    objects) while training; the model's own settings come back afterwards. Yields the settings to save."""
+def _prepared_for_ort_training(model: torch.nn.Module, backend: str):
+    """Attention that `backend` can train, and no KV cache (ORT cannot return cache objects), while training; the
+    model's own settings come back afterwards. Yields the settings to save. The compile backend keeps SDPA, whose
+    math it runs in the inputs' precision; anything else trains with eager attention (ORTModule cannot
+    differentiate SDPA with dropout)."""
     if not isinstance(model, PreTrainedModel):
         yield contextlib.nullcontext
         return
-    with transformers_compat.attention(model, "eager"):  # may replace config objects: collect them after
+    keeps_sdpa = backend == "compile" and transformers_compat.attention_implementation(model) == "sdpa"
+    attention = "sdpa" if keeps_sdpa else "eager"
+    with transformers_compat.attention(model, attention):  # may replace config objects: collect them after
         configs = _configs_with_cache(model)
         user_values = [config.use_cache for config in configs]
         with _use_cache(configs, [False] * len(configs)):
@@ -220,7 +224,7 @@ class ORTTrainer(TokenCountingMixin, Trainer):
                 from . import compile_backend
 
                 compile_backend.seed_random_generators(self.args.seed)
-            with _prepared_for_ort_training(self.model) as user_settings, self._graph_limits():
+            with _prepared_for_ort_training(self.model, self._backend) as user_settings, self._graph_limits():
                 self._user_settings = user_settings
                 try:
                     output = super().train(*args, **kwargs)

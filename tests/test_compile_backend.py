@@ -1,6 +1,8 @@
 """The compile backend on its own and in ORTTrainer: graphs really run in ONNX Runtime, shapes stay bounded, the
 graph cache is reused, checkpoints are plain and resume exactly, failures are said in one line."""
 
+import math
+
 import onnx
 import pytest
 import torch
@@ -290,9 +292,10 @@ def test_a_constant_output_comes_from_the_backend_not_the_session(monkeypatch):
     torch.testing.assert_close(compiled(torch.ones(2, 4))[1], torch.arange(6).view(2, 3) * 2)
 
 
-def test_attention_rows_with_every_key_masked_are_zero_as_in_pytorch():
-    """Attention's math sets rows whose keys are all masked to zero instead of NaN; the backend keeps that, with
-    the same outputs and gradients as PyTorch for masked and unmasked rows."""
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+def test_attention_rows_with_every_key_masked_are_zero_as_in_pytorch(mask_kind):
+    """Attention's math sets rows whose keys are all masked (False, or -inf in a float mask) to zero instead of
+    NaN; the backend keeps that, with the same outputs and gradients as PyTorch for masked and unmasked rows."""
 
     def attention(query, key, value, mask):
         return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask)
@@ -302,6 +305,8 @@ def test_attention_rows_with_every_key_masked_are_zero_as_in_pytorch():
     mask = torch.rand(2, 1, 5, 5) > 0.3
     mask[..., 0] = True  # every row sees the first key,
     mask[0, :, 1] = False  # but row 1 of the first sequence sees none
+    if mask_kind == "float":
+        mask = torch.zeros(mask.shape).masked_fill(~mask, -math.inf) + torch.rand(mask.shape)
     compiled = torch.compile(attention, backend="onnxruntime", dynamic=False)
     runs = compile_backend.stats.session_runs
     output = compiled(query, key, value, mask)
@@ -337,6 +342,41 @@ def test_gelu_gradient_of_fp16_activations_is_computed_in_fp16_close_to_pytorch(
     operators = [{node.op_type for node in graph.graph.node} for graph in graphs]
     assert len(graphs) == 2 and any("Erf" in ops for ops in operators)  # the backward graph holds the gradient
     assert not any("Cast" in ops for ops in operators)
+
+
+def test_attention_of_fp16_inputs_runs_in_fp16_close_to_pytorch(graph_cache):
+    """Attention on fp16 inputs (every SDPA model under fp16 autocast) runs its matrix products and softmax in
+    fp16 in both graphs (PyTorch's math form would run them in fp32), within fp16 rounding of that math; a row with
+    every key masked stays zero."""
+
+    def attention(query, key, value, mask):
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+
+    torch.manual_seed(0)
+    query, key, value = (torch.randn(2, 4, 16, 8).half().requires_grad_() for _ in range(3))
+    mask = torch.rand(2, 1, 16, 16) > 0.3
+    mask[..., 0] = True
+    mask[1, :, 3] = False
+    upstream = torch.randn(2, 4, 16, 8).half()
+    compiled = torch.compile(attention, backend="onnxruntime", dynamic=False)
+    runs = compile_backend.stats.session_runs
+    output = compiled(query, key, value, mask)
+    output.backward(upstream)
+    assert compile_backend.stats.session_runs - runs == 2
+    assert output.dtype == torch.float16 and output[1, :, 3].eq(0).all()
+    references = [tensor.detach().float().requires_grad_() for tensor in (query, key, value)]
+    reference = attention(*references, mask)
+    reference.backward(upstream.float())
+    torch.testing.assert_close(output.float(), reference, atol=2e-3, rtol=2e-3)
+    for tensor, exact in zip((query, key, value), references, strict=True):
+        torch.testing.assert_close(tensor.grad.float(), exact.grad, atol=5e-3, rtol=5e-3)
+    graphs = [onnx.load(path).graph for path in graph_cache.glob("*.onnx")]
+    assert len(graphs) == 2
+    for graph in graphs:
+        values = (*graph.input, *graph.value_info, *graph.output)
+        types = {value.name: value.type.tensor_type.elem_type for value in values}
+        computed = [types[name] for node in graph.node if node.op_type in ("MatMul", "Softmax") for name in node.input]
+        assert computed and set(computed) == {onnx.TensorProto.FLOAT16}
 
 
 def test_embedding_gradient_as_a_one_hot_product_matches_pytorch(graph_cache, monkeypatch):
