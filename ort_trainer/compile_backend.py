@@ -173,7 +173,9 @@ class ONNXRuntimeGraph:
     (`SavedActivations`).
 
     Outputs that are one of the graph's inputs are returned as that input; outputs that depend on no input (a
-    constant) are computed once and returned as copies. Neither is the session's."""
+    constant) are computed once and returned as copies. Neither is the session's. An output that only reshapes
+    another value of the graph is taken from the session as that value and reshaped in PyTorch
+    (`_reshaped_outputs`)."""
 
     def __init__(
         self,
@@ -220,6 +222,7 @@ class ONNXRuntimeGraph:
             del model.graph.output[index]
         self.output_count = fx_counts[1]
         self.input_names = [value.name for value in model.graph.input]
+        self.reshaped_outputs = _reshaped_outputs(model.graph)
         self.session = None
         if model.graph.output:
             self.session = create_session(model.SerializeToString(), self.device, self.cuda_graph)
@@ -258,7 +261,17 @@ class ONNXRuntimeGraph:
         iobinding.bind_inputs(binding, self.input_names, inputs)
         iobinding.bind_outputs(binding, self.output_names, self.device)  # ONNX Runtime allocates each
         self._run_binding(binding)
-        return iobinding.outputs(binding, self.bool_outputs)
+        return self._as_graph_outputs(iobinding.outputs(binding, self.bool_outputs))
+
+    def _as_graph_outputs(self, session_outputs: list) -> list:
+        """The session's outputs in the shapes of the graph's: each of `reshaped_outputs` viewed in its own. The
+        view is `_unsafe_view`, so autograd sees a tensor of its own, as it would the session's."""
+        return [
+            torch.ops.aten._unsafe_view(value, self.reshaped_outputs[index])
+            if index in self.reshaped_outputs
+            else value
+            for index, value in enumerate(session_outputs)
+        ]
 
     def _run_replayed(self, inputs: list) -> list:
         if self._replay is None:
@@ -274,6 +287,7 @@ class ONNXRuntimeGraph:
         self._run_binding(binding)
         outputs = [torch.empty_like(buffer) for buffer in output_buffers]
         _copy_all(outputs, output_buffers)
+        outputs = self._as_graph_outputs(outputs)
         if saved is not None and not self.backward:
             for index, output in enumerate(outputs):
                 saved.record(index, output)
@@ -302,7 +316,7 @@ class ONNXRuntimeGraph:
             for value in self.session.get_outputs()
         ]
         if self.saved_activations is not None and not self.backward:
-            self.saved_activations.buffers = output_buffers
+            self.saved_activations.buffers = self._as_graph_outputs(output_buffers)
         binding = self.session.io_binding()
         iobinding.bind_inputs(binding, self.input_names, input_buffers)
         for name, buffer in zip(self.output_names, output_buffers):
@@ -408,6 +422,38 @@ def _passed_through_inputs(graph) -> dict:
         if name in inputs:
             passed_through[index] = inputs[name]
     return passed_through
+
+
+_RESHAPES = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
+
+
+def _reshaped_outputs(graph) -> dict:
+    """The outputs of `graph` that only reshape another value, each rewritten in place into that value:
+    {output index: the output's shape}. ONNX Runtime gives every output a buffer of its own, so it would copy the
+    value into the reshaped output at each run (the forward's saved activations are often reshaped views, in
+    PyTorch free). Only a value no other output or input shares is taken, so no two outputs share memory."""
+    producers = {name: node for node in graph.node for name in node.output}
+    shapes = {value.name: value for value in graph.value_info}
+    taken = {value.name for value in (*graph.input, *graph.output)}
+    reshaped = {}
+    for index, output in enumerate(graph.output):
+        source = output.name
+        while source in producers and producers[source].op_type in _RESHAPES:
+            source = producers[source].input[0]
+        shape = _static_shape(output)
+        if source == output.name or source in taken or source not in shapes or shape is None:
+            continue
+        if _static_shape(shapes[source]) is None:
+            continue
+        taken.add(source)
+        output.CopyFrom(shapes[source])
+        reshaped[index] = shape
+    return reshaped
+
+
+def _static_shape(value) -> tuple | None:
+    dims = value.type.tensor_type.shape.dim
+    return tuple(dim.dim_value for dim in dims) if all(dim.HasField("dim_value") for dim in dims) else None
 
 
 def compile_graph(

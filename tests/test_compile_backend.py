@@ -464,6 +464,40 @@ def bound_once_on_cpu(monkeypatch):
     return graphs
 
 
+@pytest.mark.parametrize("run", ["per run", "bound once"])
+def test_outputs_that_reshape_a_value_are_that_value_of_the_session_viewed_in_pytorch(graph_cache, monkeypatch, run):
+    """ONNX Runtime gives each output a buffer of its own, so an output that reshapes another value (most saved
+    activations are reshaped views) would cost a copy at each run. The session returns the value itself instead,
+    PyTorch views it in the graph's shape, and the gradients are eager's, also from buffers bound once."""
+    graphs, init = [], compile_backend.ONNXRuntimeGraph.__init__
+
+    def collected(graph, *args, **kwargs):
+        init(graph, *args, **kwargs)
+        graph.cuda_graph = run == "bound once"
+        graphs.append(graph)
+
+    monkeypatch.setattr(compile_backend.ONNXRuntimeGraph, "__init__", collected)
+    data = tiny_dataset("bert")
+    batch = {key: torch.stack([row[key] for row in data[:8]]) for key in data[0]}
+    eager, model = tiny_model("bert"), tiny_model("bert")
+    compiled = compile_backend.compile_model(model)
+    for _ in range(2):
+        model.zero_grad()
+        eager.zero_grad()
+        compiled(**batch).loss.backward()
+        eager(**batch).loss.backward()
+        for (name, parameter), reference in zip(model.named_parameters(), eager.parameters(), strict=True):
+            torch.testing.assert_close(parameter.grad, reference.grad, atol=1e-6, rtol=0, msg=name)
+
+    exported = [onnx.load(path).graph for path in graph_cache.glob("*.onnx")]
+    for graph in graphs:
+        onnx_graph = next(g for g in exported if [value.name for value in g.input] == graph.input_names)
+        producers = {name: node.op_type for node in onnx_graph.node for name in node.output}
+        session_outputs = [value.name for value in graph.session.get_outputs()]
+        assert len(graph.reshaped_outputs) >= 2, "backward" if graph.backward else "forward"
+        assert all(producers[session_outputs[index]] != "Reshape" for index in graph.reshaped_outputs)
+
+
 @pytest.mark.parametrize("order", ["backwards in reverse", "backwards in order"])
 def test_backward_reads_what_the_forward_saved_from_the_forwards_buffers(bound_once_on_cpu, order):
     """Under CUDA graphs the backward reads the activations the forward saved from the forward's own buffers, with
@@ -487,7 +521,7 @@ def test_backward_reads_what_the_forward_saved_from_the_forwards_buffers(bound_o
     for batch in batches + batches:
         check_gradients(compiled(**batch).loss, batch)
     forward, backward = bound_once_on_cpu
-    forward_outputs, backward_inputs = forward._replay[2], backward._replay[1]
+    forward_outputs, backward_inputs = forward.saved_activations.buffers, backward._replay[1]
     read_from_forward = [any(buffer is output for output in forward_outputs) for buffer in backward_inputs]
     assert read_from_forward == [index is not None for index in backward._replay[3]]
     assert sum(read_from_forward) > len(forward_outputs) // 2
