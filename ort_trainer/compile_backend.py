@@ -560,7 +560,7 @@ def _softmax_backward_in_fp16(grad_output, output, dim, input_dtype):
     """Softmax's gradient on fp16 tensors (attention's, see `_attention_in_input_precision`) in fp16, as
     `output * (grad - sum(grad * output))`, the form of the fused attention kernels' backward. PyTorch's
     decomposition casts both to fp32 and back: 7 ONNX Runtime kernels over fp32 copies of every attention score
-    where these 4 move a third of the bytes (ONNX Runtime's fp16 sums accumulate in fp32)."""
+    where these 4 move a third of the bytes (the sum as `_fp16_sum`)."""
     from torch._decomp import decomposition_table
 
     if not grad_output.dtype == output.dtype == input_dtype == torch.float16:
@@ -568,6 +568,29 @@ def _softmax_backward_in_fp16(grad_output, output, dim, input_dtype):
             grad_output, output, dim, input_dtype
         )
     return output * (grad_output - (grad_output * output).sum(dim, keepdim=True))
+
+
+def _fp16_sum(x, dim=None, keepdim=False, dtype=None):
+    """A sum of fp16 values, accumulated in fp32 as PyTorch's: over leading or trailing dimensions (bias gradients,
+    softmax's gradient) as a matrix product with ones, fp16 in and out; over others in fp32, cast back in the graph.
+    The ONNX exporter would cast the whole tensor to fp32 to sum it (five times the bytes of the product), and drops
+    its cast back where the sum is a graph output."""
+    if x.dtype != torch.float16 or dtype is not None:
+        return NotImplemented
+    dim = [dim] if isinstance(dim, int) else dim
+    dims = sorted({d % x.dim() for d in dim}) if dim and x.dim() else list(range(x.dim()))
+    leading, trailing = dims == list(range(len(dims))), dims == list(range(x.dim() - len(dims), x.dim()))
+    if not dims or x.numel() == 0 or not (leading or trailing):
+        return torch.ops.aten.sum.dim_IntList(x.float(), dim, keepdim).half()
+    shape = x.shape
+    reduced = math.prod(shape[index] for index in dims)
+    if leading:
+        total = torch.ones(1, reduced, dtype=x.dtype, device=x.device) @ x.reshape(reduced, -1)
+    else:
+        total = x.reshape(-1, reduced) @ torch.ones(reduced, 1, dtype=x.dtype, device=x.device)
+    if keepdim:
+        return total.reshape([1 if index in dims else size for index, size in enumerate(shape)])
+    return total.reshape([size for index, size in enumerate(shape) if index not in dims])
 
 
 def _attention_in_input_precision(
@@ -663,6 +686,7 @@ def _aot_autograd_backend(gm: torch.fx.GraphModule, example_inputs, cuda_graphs:
         torch.ops.aten.copy.default: _copy_with_broadcast,
         torch.ops.aten.gelu_backward.default: _gelu_backward_in_fp16,
         torch.ops.aten._softmax_backward_data.default: _softmax_backward_in_fp16,
+        torch.ops.aten.sum.dim_IntList: _fp16_sum,
         torch.ops.aten.addmm.default: _addmm_as_matmul_and_add,
         torch.ops.aten.embedding_dense_backward.default: _embedding_backward_on_cuda,
     }

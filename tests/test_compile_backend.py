@@ -344,6 +344,31 @@ def test_gelu_gradient_of_fp16_activations_is_computed_in_fp16_close_to_pytorch(
     assert not any("Cast" in ops for ops in operators)
 
 
+def test_fp16_sums_are_products_accumulated_in_fp32_as_pytorchs(graph_cache):
+    """Sums of fp16 values over leading dimensions (bias gradients) or trailing ones (softmax's gradient) run as
+    products with ones, accumulated in fp32 as PyTorch's fp16 sums are, with no cast of the summed tensor to fp32;
+    other sums run in fp32 and come back as fp16, a graph output too."""
+
+    def sums(x):
+        return x.sum(0), x.sum(-1, keepdim=True), x.sum((0, 1)), x.sum(1)
+
+    torch.manual_seed(0)
+    x = (torch.randn(4096, 8, 16) + 1).half().requires_grad_()  # 4096 values ~1: an fp16 accumulator would drift
+    compiled = torch.compile(sums, backend="onnxruntime", dynamic=False)
+    runs = compile_backend.stats.session_runs
+    totals = compiled(x)
+    sum(total.float().sum() for total in totals).backward()
+    assert compile_backend.stats.session_runs - runs == 2
+    for total, reference in zip(totals, sums(x.detach()), strict=True):
+        assert total.dtype == torch.float16 and total.shape == reference.shape
+        torch.testing.assert_close(total, reference, atol=0, rtol=2e-3)  # fp16 rounding of the same fp32 sum
+    torch.testing.assert_close(x.grad, torch.full_like(x, 4.0))
+    (forward,) = [onnx.load(path).graph for path in graph_cache.glob("*.onnx") if "ReduceSum" in str(onnx.load(path))]
+    assert sum(node.op_type == "MatMul" for node in forward.node) == 3
+    assert [node.op_type for node in forward.node].count("ReduceSum") == 1  # over the middle dimension
+    assert [node.op_type for node in forward.node].count("Cast") == 2  # its input to fp32, its output back
+
+
 def test_attention_of_fp16_inputs_runs_in_fp16_close_to_pytorch(graph_cache):
     """Attention on fp16 inputs (every SDPA model under fp16 autocast) runs its matrix products and softmax in
     fp16 in both graphs (PyTorch's math form would run them in fp32), within fp16 rounding of that math; a row with
